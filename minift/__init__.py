@@ -1,0 +1,3 @@
+"""minift: minimal, Accelerate-native fine-tuning for causal language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,509 @@
+"""Hand-written LoRA, rsLoRA and DoRA layers, injected into transformers models by module name.
+
+A wrapped layer computes ``y = base(x) + scale * B(A(dropout(x)))`` for each enabled adapter,
+with ``scale = lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rsLoRA). Bases may be
+``nn.Linear``, GPT-2's ``Conv1D`` (weight stored ``[in, out]``) or bitsandbytes 4/8-bit linears
+(QLoRA). Several named adapters can live on one model: e.g. a frozen adapter from an earlier
+stage plus a trainable one, which is how stages chain on quantized bases where merging is lossy.
+In-memory parameter names follow peft (``q_proj.lora_A.<adapter>.weight``), so the PEFT file
+format is a rename away (see ``minift/adapters.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ADAPTER = "default"
+
+
+@dataclass
+class LoraConfig:
+    """LoRA hyper-parameters; field names and matching rules follow peft's ``LoraConfig``.
+
+    ``target_modules``: ``"all-linear"`` (every linear layer except the output head), a regex
+    string (full match against the module path), or a list of names, each matching a module whose
+    path equals it or ends with ``"." + name``. ``exclude_modules`` uses the same rules.
+    ``rank_pattern`` / ``alpha_pattern`` map a regex matched against the tail of a module path to
+    a per-module rank / alpha. ``modules_to_save`` lists modules trained in full (a copy is
+    trained, the original is kept for when adapters are disabled).
+    """
+
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+    exclude_modules: list[str] | str | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | str = True  # True: kaiming A, zero B; "gaussian": N(0, 1/r) A, zero B
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    modules_to_save: list[str] | None = None
+    bias: str = "none"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"LoraConfig.lora_alpha must be positive, got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(
+                f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
+            )
+        if self.bias != "none":
+            raise ValueError(f"only bias='none' is supported (biases stay frozen), got {self.bias!r}")
+        for key, value in self.rank_pattern.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+        if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
+            raise ValueError("LoraConfig.target_modules is empty: name at least one module or use 'all-linear'")
+
+    def rank_for(self, module_name: str) -> int:
+        key = _pattern_key(self.rank_pattern, module_name)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        key = _pattern_key(self.alpha_pattern, module_name)
+        return self.alpha_pattern[key] if key is not None else self.lora_alpha
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _pattern_key(patterns: dict, module_name: str) -> str | None:
+    # peft semantics: the pattern must match a dotted tail of the module path.
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+def _name_matches(spec: list[str] | str, name: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+# ----------------------------------------------------------------------------- base weights
+
+
+def _bnb():
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return None
+    return bnb
+
+
+def base_kind(module: nn.Module) -> str | None:
+    """'linear', 'conv1d', 'bnb4' or 'bnb8' for layers LoRA can wrap, else None."""
+    bnb = _bnb()
+    if bnb is not None:
+        if isinstance(module, bnb.nn.Linear4bit):
+            return "bnb4"
+        if isinstance(module, bnb.nn.Linear8bitLt):
+            return "bnb8"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return "conv1d"
+    return None
+
+
+def layer_features(module: nn.Module, kind: str) -> tuple[int, int]:
+    if kind == "conv1d":
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+def dequantized_weight(module: nn.Module, kind: str) -> torch.Tensor:
+    """The base weight as a float tensor in ``[out, in]`` orientation, whatever its storage."""
+    w = module.weight
+    if kind == "linear":
+        return w.data
+    if kind == "conv1d":
+        return w.data.t()
+    if kind == "bnb4":
+        return _bnb().functional.dequantize_4bit(w.data, w.quant_state).float()
+    if kind == "bnb8":
+        # bitsandbytes moves the row scales from the weight to the layer state on first forward.
+        scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
+        return w.data.float() * (scb.float()[:, None] / 127.0)
+    raise ValueError(f"unknown base kind {kind!r}")
+
+
+def set_base_weight(module: nn.Module, kind: str, weight: torch.Tensor) -> None:
+    """Write ``weight`` (``[out, in]``) back into the base layer, re-quantizing bnb layers."""
+    w = module.weight
+    if kind == "linear":
+        w.data.copy_(weight.to(w.dtype))
+    elif kind == "conv1d":
+        w.data.copy_(weight.t().to(w.dtype))
+    elif kind == "bnb4":
+        bnb = _bnb()
+        device = w.data.device
+        new = bnb.nn.Params4bit(
+            weight.to("cpu", dtype=torch.float32).contiguous(),
+            requires_grad=False,
+            quant_type=w.quant_type,
+            blocksize=w.blocksize,
+            compress_statistics=w.compress_statistics,
+            quant_storage=w.quant_storage,
+        )
+        module.weight = new._quantize(device)
+    elif kind == "bnb8":
+        bnb = _bnb()
+        new = bnb.nn.Int8Params(weight.to("cpu", torch.float16).contiguous(), requires_grad=False, has_fp16_weights=False)
+        module.weight = new.to(w.data.device)  # its forward moves the new CB/SCB into the layer state
+    else:
+        raise ValueError(f"unknown base kind {kind!r}")
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class LoraLayer(nn.Module):
+    """A base layer plus any number of named low-rank adapters (LoRA, rsLoRA or DoRA)."""
+
+    def __init__(self, base_layer: nn.Module, kind: str):
+        super().__init__()
+        self.base_layer = base_layer
+        self.kind = kind
+        self.in_features, self.out_features = layer_features(base_layer, kind)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.merged: list[str] = []  # adapters currently folded into the base weight, in order
+        self._dora_norms: dict[str, torch.Tensor] = {}  # row norms used at merge time (to unmerge)
+        self.disabled: set[str] = set()
+        self.train(base_layer.training)  # new sub-modules follow the model's train/eval mode
+
+    @property
+    def weight(self) -> torch.Tensor:  # some model code reads `.weight` of its projections
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def add_adapter(
+        self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool, init: bool | str
+    ) -> None:
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        weight = self.base_layer.weight
+        device = weight.device
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+        a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        b = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(a.weight, std=1.0 / r)
+            else:
+                nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+            if init is False:  # non-zero B: only useful for tests that need a visible adapter
+                nn.init.kaiming_uniform_(b.weight, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(b.weight)
+        self.lora_A[name], self.lora_B[name] = a, b
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name].train(self.training)
+        self.r[name], self.lora_alpha[name] = r, alpha
+        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        if use_dora:
+            with torch.no_grad():
+                w = dequantized_weight(self.base_layer, self.kind).float()
+                norm = (w + self.delta_weight(name).float()).norm(dim=1)
+            self.lora_magnitude_vector[name] = nn.Parameter(norm.to(device=device, dtype=dtype))
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``scale * B @ A`` in ``[out, in]`` orientation (before any DoRA rescaling)."""
+        return self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)
+
+    def active(self) -> list[str]:
+        return [n for n in self.lora_A if n not in self.disabled and n not in self.merged]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        names = self.active()
+        if not names:
+            return result
+        out_dtype = result.dtype
+        for name in names:
+            a, b = self.lora_A[name], self.lora_B[name]
+            xa = self.lora_dropout[name](x.to(a.weight.dtype))
+            if name in self.lora_magnitude_vector:
+                result = result + self._dora_delta(name, xa, result).to(out_dtype)
+            else:
+                result = result + (b(a(xa)) * self.scaling[name]).to(out_dtype)
+        return result
+
+    def _dora_delta(self, name: str, xa: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        # DoRA (Liu et al. 2024): W' = m * (W + sBA) / ||W + sBA||_row, the norm detached in backward.
+        # W' x = (m/n) W x + (m/n) s B A x, so only the correction (m/n - 1) W x is added to base(x).
+        a, b, scale = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        w = dequantized_weight(self.base_layer, self.kind).to(a.weight.dtype)
+        norm = (w + self.delta_weight(name).to(w.dtype)).norm(dim=1).detach()
+        mag = self.lora_magnitude_vector[name] / norm
+        if isinstance(self.lora_dropout[name], nn.Identity):
+            wx = base_out.to(a.weight.dtype)
+            if self.bias is not None:
+                wx = wx - self.bias.to(wx.dtype)
+        else:  # the base term must see the same dropped-out input as the adapter
+            wx = F.linear(xa, w)
+        return (mag - 1) * wx + mag * b(a(xa)) * scale
+
+    # -- merging
+
+    def _merged_weight_for(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        delta = self.delta_weight(name).to(w.dtype)
+        if name not in self.lora_magnitude_vector:
+            return w + delta
+        merged = w + delta
+        norm = merged.norm(dim=1, keepdim=True)
+        self._dora_norms[name] = norm
+        return merged * (self.lora_magnitude_vector[name].to(w.dtype)[:, None] / norm)
+
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None) -> None:
+        names = [n for n in (names or list(self.lora_A)) if n not in self.merged]
+        if not names:
+            return
+        w = dequantized_weight(self.base_layer, self.kind).float()
+        for name in names:
+            w = self._merged_weight_for(name, w)
+            self.merged.append(name)
+        set_base_weight(self.base_layer, self.kind, w)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        w = dequantized_weight(self.base_layer, self.kind).float()
+        for name in reversed(self.merged):
+            if name in self.lora_magnitude_vector:
+                w = w * (self._dora_norms.pop(name) / self.lora_magnitude_vector[name].float()[:, None])
+            w = w - self.delta_weight(name).float()
+        self.merged = []
+        set_base_weight(self.base_layer, self.kind, w)
+
+
+class ModulesToSave(nn.Module):
+    """Keeps the original module frozen and trains a full copy per adapter (peft's ``modules_to_save``)."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict()
+        self.disabled: set[str] = set()
+
+    def add_adapter(self, name: str) -> None:
+        # Start from the module as the model currently computes it, so chained stages build on each other.
+        self.modules_to_save[name] = copy.deepcopy(self.current())
+
+    def current(self) -> nn.Module:
+        for name in reversed(list(self.modules_to_save)):
+            if name not in self.disabled:
+                return self.modules_to_save[name]
+        return self.original_module
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.current().weight
+
+
+# ----------------------------------------------------------------------------- model level
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """(module path, layer) for every LoRA-wrapped layer, paths as in the unwrapped model."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSave):
+            yield name, module
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """The configs of the adapters on ``model``, by adapter name, in the order they were added."""
+    return getattr(model, "minift_lora_configs", {})
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Paths of the modules ``config`` selects, before any wrapping. Raises if nothing matches."""
+    output_head = None
+    if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
+        head = model.get_output_embeddings()
+        output_head = next((n for n, m in model.named_modules() if m is head), None)
+    saved = config.modules_to_save or []
+    candidates, found = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSave) or ".modules_to_save." in name or ".original_module" in name:
+            continue
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if ".base_layer" in name or base_kind(base) is None:
+            continue
+        candidates.append(name)
+        if config.exclude_modules and _name_matches(config.exclude_modules, name):
+            continue
+        if any(name == m or name.endswith("." + m) for m in saved):
+            continue
+        if config.target_modules == "all-linear":
+            if name != output_head:
+                found.append(name)
+        elif _name_matches(config.target_modules, name):
+            found.append(name)
+    if not found:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matched no linear layer in {type(model).__name__}. "
+            f"Linear layer names in this model: {', '.join(leaves)} "
+            f"(e.g. {candidates[0] if candidates else 'none'}). Use one of these, a regex, or 'all-linear'."
+        )
+    return found
+
+
+def apply_lora(
+    model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER, trainable: bool = True
+) -> nn.Module:
+    """Inject adapter ``adapter_name`` into ``model`` in place and freeze everything else.
+
+    Calling it again with another name adds a second adapter to the same layers (the earlier
+    ones stay, frozen unless ``trainable`` was set for them again with ``set_trainable``).
+    Returns ``model``.
+    """
+    configs = dict(adapter_configs(model))
+    if adapter_name in configs:
+        raise ValueError(f"the model already has an adapter named {adapter_name!r}")
+    targets = find_targets(model, config)
+    for name in targets:
+        module = model.get_submodule(name)
+        if not isinstance(module, LoraLayer):
+            module = LoraLayer(module, base_kind(module))
+            _set_module(model, name, module)
+        module.add_adapter(
+            adapter_name,
+            r=config.rank_for(name),
+            alpha=config.alpha_for(name),
+            dropout=config.lora_dropout,
+            use_rslora=config.use_rslora,
+            use_dora=config.use_dora,
+            init=config.init_lora_weights,
+        )
+    for target in config.modules_to_save or []:
+        matches = [n for n, m in model.named_modules() if (n == target or n.endswith("." + target))]
+        matches = [n for n in matches if ".modules_to_save." not in n and ".original_module" not in n]
+        if not matches:
+            raise ValueError(f"modules_to_save entry {target!r} matches no module in {type(model).__name__}")
+        for name in matches:
+            module = model.get_submodule(name)
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave(module)
+                _set_module(model, name, module)
+            module.add_adapter(adapter_name)
+    configs[adapter_name] = config
+    model.minift_lora_configs = configs
+    set_trainable(model, [adapter_name] if trainable else [])
+    return model
+
+
+def set_trainable(model: nn.Module, adapter_names: list[str]) -> None:
+    """Make exactly the named adapters' parameters trainable; freeze every other parameter."""
+    model.requires_grad_(False)
+    for name in adapter_names:
+        if name not in adapter_configs(model):
+            raise ValueError(f"no adapter named {name!r}; the model has {list(adapter_configs(model))}")
+        for _, layer in lora_layers(model):
+            if name in layer.lora_A:
+                layer.lora_A[name].requires_grad_(True)
+                layer.lora_B[name].requires_grad_(True)
+                if name in layer.lora_magnitude_vector:
+                    layer.lora_magnitude_vector[name].requires_grad_(True)
+        for _, wrapper in saved_modules(model):
+            if name in wrapper.modules_to_save:
+                wrapper.modules_to_save[name].requires_grad_(True)
+    if adapter_names:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        logger.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module, names: list[str] | None = None):
+    """Run the model without the named adapters (all by default): the reference model for free."""
+    names = list(adapter_configs(model)) if names is None else list(names)
+    touched = []
+    for _, module in list(lora_layers(model)) + list(saved_modules(model)):
+        if isinstance(module, LoraLayer) and set(names) & set(module.merged):
+            raise RuntimeError("cannot disable adapters that are merged into the base weights: unmerge first")
+        added = set(names) - module.disabled
+        module.disabled |= added
+        touched.append((module, added))
+    try:
+        yield model
+    finally:
+        for module, added in touched:
+            module.disabled -= added
+
+
+def merge_lora(model: nn.Module, names: list[str] | None = None) -> None:
+    """Fold adapters into the base weights (4/8-bit bases: dequantize, add, re-quantize: lossy)."""
+    layers = list(lora_layers(model))
+    if any(layer.kind in ("bnb4", "bnb8") for _, layer in layers):
+        logger.warning(
+            "merging into a quantized base re-quantizes the weights, which rounds them: outputs will differ "
+            "slightly from the unmerged model. For deployment merge into the full-precision base instead."
+        )
+    for _, layer in layers:
+        layer.merge(names)
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo ``merge_lora`` (exact up to float rounding for full-precision bases)."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def unwrap_lora(model: nn.Module) -> nn.Module:
+    """Replace every LoRA layer by its base layer and every saved-module wrapper by its active copy.
+
+    Call after ``merge_lora`` to get a plain transformers model; adapters not merged are dropped.
+    """
+    for name, layer in list(lora_layers(model)):
+        _set_module(model, name, layer.base_layer)
+    for name, wrapper in list(saved_modules(model)):
+        _set_module(model, name, wrapper.current())
+    if hasattr(model, "minift_lora_configs"):
+        del model.minift_lora_configs
+    return model
