@@ -130,6 +130,22 @@ def layer_features(module: nn.Module, kind: str) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
+def keep_4bit_layout_trainable(module: nn.Module) -> None:
+    """Stop bitsandbytes from repacking a 4-bit weight for its CPU inference kernel (and undo it).
+
+    On CPUs with AVX512-BF16, ``Linear4bit`` repacks its weight on the first no-grad eval forward.
+    The packed kernel has no backward, so a later training step silently gets no gradient through
+    the layer (every adapter before it stops learning), and the packed bytes no longer dequantize.
+    """
+    if hasattr(module, "support_avx512bf16_for_cpu"):
+        module.support_avx512bf16_for_cpu = False
+    w = module.weight
+    if getattr(getattr(w, "quant_state", None), "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+
+
 def dequantized_weight(module: nn.Module, kind: str) -> torch.Tensor:
     """The base weight as a float tensor in ``[out, in]`` orientation, whatever its storage."""
     w = module.weight
@@ -138,6 +154,7 @@ def dequantized_weight(module: nn.Module, kind: str) -> torch.Tensor:
     if kind == "conv1d":
         return w.data.t()
     if kind == "bnb4":
+        keep_4bit_layout_trainable(module)
         return _bnb().functional.dequantize_4bit(w.data, w.quant_state).float()
     if kind == "bnb8":
         # bitsandbytes moves the row scales from the weight to the layer state on first forward.
@@ -407,6 +424,9 @@ def apply_lora(
     if adapter_name in configs:
         raise ValueError(f"the model already has an adapter named {adapter_name!r}")
     targets = find_targets(model, config)
+    for module in model.modules():
+        if base_kind(module) == "bnb4":
+            keep_4bit_layout_trainable(module)
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLayer):

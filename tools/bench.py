@@ -1,0 +1,169 @@
+"""Benchmarks that time minift against a reference implementation in the same process.
+
+    python tools/bench.py CASE [options] [--strict]
+
+Each case prints the machine, a table of per-side timings and a PASS/FAIL line against its
+target. The exit status is 0 unless ``--strict`` is given and the case fails. The machine is
+assumed noisy: sides alternate (A B A B ...) across repeats and medians are reported.
+
+Cases
+-----
+lora  ``python tools/bench.py lora [--steps 10] [--repeats 5] [--warmup 2]``
+      One LoRA training step (forward, backward, AdamW step) of a random tiny Llama, fp32 on
+      one CPU thread, with minift's ``apply_lora`` against peft's ``get_peft_model`` (skipped
+      when peft is not installed). Both sides start from the same base weights and see the same
+      token ids; the target is ``minift_time / peft_time <= 1.0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+import transformers
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from minift.lora import LoraConfig, apply_lora
+
+# ----------------------------------------------------------------------------- lora
+
+LORA_MODEL = dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+LORA_ADAPTER = dict(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
+BATCH, SEQ_LEN = 8, 256
+ADAMW = dict(lr=1e-4, foreach=False, fused=False)  # identical optimizer code path on both sides
+
+
+def build_tiny_llama(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = LlamaConfig(**LORA_MODEL, attn_implementation="sdpa")
+    return LlamaForCausalLM(config).float().train()
+
+
+def wrap_minift(model: nn.Module) -> nn.Module:
+    return apply_lora(model, LoraConfig(**LORA_ADAPTER))
+
+
+def peft_wrapper() -> Callable[[nn.Module], nn.Module] | None:
+    """peft's ``get_peft_model`` with the same adapter settings, or None when peft is not installed."""
+    try:
+        from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    except ImportError:
+        return None
+    return lambda model: get_peft_model(model, PeftLoraConfig(**LORA_ADAPTER))
+
+
+class TrainingSide:
+    """A LoRA-wrapped model and its optimizer; ``step`` runs and times one training step."""
+
+    def __init__(self, name: str, model: nn.Module, input_ids: torch.Tensor):
+        self.name, self.model, self.input_ids = name, model, input_ids
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, **ADAMW)
+        self.times: list[float] = []  # timed steps only
+        self.repeat_medians: list[float] = []
+        self.first_loss: float | None = None
+
+    def step(self) -> float:
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.model(self.input_ids, labels=self.input_ids, use_cache=False).loss
+        loss.backward()
+        self.optimizer.step()
+        elapsed = time.perf_counter() - start
+        if self.first_loss is None:
+            self.first_loss = loss.item()
+        return elapsed
+
+    def run_repeat(self, warmup: int, steps: int) -> None:
+        for _ in range(warmup):
+            self.step()
+        times = [self.step() for _ in range(steps)]
+        self.times += times
+        self.repeat_medians.append(statistics.median(times))
+
+
+def print_lora_table(sides: list[TrainingSide]) -> None:
+    tokens = BATCH * SEQ_LEN
+    print(f"{'side':<8}{'trainable':>11}{'first loss':>12}{'median ms':>11}{'tokens/s':>10}"
+          f"{'repeat medians ms (min-max)':>30}")
+    for side in sides:
+        median = statistics.median(side.times)
+        spread = f"{1e3 * min(side.repeat_medians):.1f}-{1e3 * max(side.repeat_medians):.1f}"
+        trainable = sum(p.numel() for p in side.params)
+        print(f"{side.name:<8}{trainable:>11,}{side.first_loss:>12.4f}{1e3 * median:>11.1f}"
+              f"{tokens / median:>10.0f}{spread:>30}")
+
+
+def bench_lora(args: argparse.Namespace) -> bool:
+    """LoRA training step: minift vs peft (target: minift_time / peft_time <= 1.0)."""
+    wrap_peft = peft_wrapper()
+    print(f"model: random Llama {LORA_MODEL}")
+    print(f"adapter: {LORA_ADAPTER}; batch {BATCH} x {SEQ_LEN} tokens; fp32; AdamW {ADAMW}")
+    print(f"schedule: {args.repeats} repeats x ({args.warmup} warm-up + {args.steps} timed) steps per side, "
+          "sides alternating")
+    base = build_tiny_llama()
+    input_ids = torch.randint(LORA_MODEL["vocab_size"], (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    wrappers = {"minift": wrap_minift, "peft": wrap_peft} if wrap_peft else {"minift": wrap_minift}
+    sides = []
+    for name, wrap in wrappers.items():
+        torch.manual_seed(1)  # same adapter initialisation seed on each side
+        sides.append(TrainingSide(name, wrap(copy.deepcopy(base)), input_ids))
+    for _ in range(args.repeats):
+        for side in sides:
+            side.run_repeat(args.warmup, args.steps)
+    print()
+    print_lora_table(sides)
+    if wrap_peft is None:
+        print("\npeft is not installed: no reference to compare against (counted as PASS)")
+        return True
+    ratio = statistics.median(sides[0].times) / statistics.median(sides[1].times)
+    passed = ratio <= 1.0
+    pairs = [a / b for a, b in zip(sides[0].repeat_medians, sides[1].repeat_medians)]
+    print(f"\nper-repeat ratios (noise gauge): {' '.join(f'{r:.3f}' for r in pairs)}")
+    print(f"ratio minift_time / peft_time = {ratio:.3f} (target <= 1.0): {'PASS' if passed else 'FAIL'}")
+    return passed
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat and side (default 10)")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats per side, alternating sides (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each repeat (default 2)")
+
+
+# ----------------------------------------------------------------------------- driver
+
+# case name -> (function adding its options, function running it and returning whether it passed)
+CASES = {"lora": (add_lora_arguments, bench_lora)}
+
+
+def machine_line() -> str:
+    return (f"machine: torch {torch.__version__}, {torch.get_num_threads()} thread(s) "
+            f"({torch.get_num_interop_threads()} inter-op), transformers {transformers.__version__}, "
+            f"python {platform.python_version()}, {platform.machine()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    subparsers = parser.add_subparsers(dest="case", required=True)
+    for name, (add_arguments, run) in CASES.items():
+        sub = subparsers.add_parser(name, help=run.__doc__)
+        add_arguments(sub)
+        sub.add_argument("--strict", action="store_true", help="exit with status 1 when the case misses its target")
+        sub.set_defaults(run=run)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print(machine_line())
+    passed = args.run(args)
+    return 1 if args.strict and not passed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
