@@ -31,14 +31,13 @@ from minift.lora import (
     LoraConfig,
     adapter_configs,
     apply_lora,
-    base_kind,
     find_targets,
-    layer_features,
     lora_layers,
     merge_lora,
     saved_modules,
     unwrap_lora,
 )
+from minift.weights import base_kind, layer_features
 
 logger = logging.getLogger(__name__)
 

@@ -11,13 +11,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_lora import logits, randomize_b
 from transformers import AutoModelForCausalLM
 
 from minift.adapters import combine_adapters, load_adapter, merge_and_save, save_adapter
 from minift.lora import LoraConfig, apply_lora, lora_layers, saved_modules
 from minift.models import load_model_and_tokenizer
-
-from test_lora import logits, randomize_b
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from minift.lora import LoraConfig, apply_lora
-from minift.models import build_tiny_model, load_model_and_tokenizer, resolve_model_path, tiny_model_dir
+from minift.models import (
+    build_tiny_model,
+    load_model_and_tokenizer,
+    resolve_model_path,
+    tiny_model_dir,
+)
 
 
 def test_tiny_build_is_bit_identical(tmp_path, tiny_dir):

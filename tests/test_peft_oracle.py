@@ -6,12 +6,11 @@ import warnings
 
 import pytest
 import torch
+from test_lora import logits, randomize_b
 
 from minift.adapters import load_adapter, save_adapter
 from minift.lora import LoraConfig, apply_lora, lora_layers
 from minift.models import load_model_and_tokenizer
-
-from test_lora import logits, randomize_b
 
 peft = pytest.importorskip("peft")
 

@@ -6,20 +6,19 @@ import logging
 
 import pytest
 import torch
+from test_lora import logits, randomize_b
 
 from minift.adapters import load_adapter, merge_and_save, save_adapter
 from minift.lora import (
     LoraConfig,
     apply_lora,
-    dequantized_weight,
     disable_adapters,
     lora_layers,
     merge_lora,
     unmerge_lora,
 )
 from minift.models import load_model_and_tokenizer
-
-from test_lora import logits, randomize_b
+from minift.weights import dequantized_weight
 
 pytest.importorskip("bitsandbytes")
 

@@ -1,0 +1,315 @@
+"""Data loading, format detection, chat templating, label masks, and loud errors for broken input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+from minift.data import RecordError, load_records, split_records
+from minift.encode import (
+    IGNORE_INDEX,
+    encode_preferences,
+    encode_prompts,
+    encode_sft,
+    encode_unpaired,
+    set_chat_template,
+)
+from minift.formats import Chat, Preference, Prompt, Text, Unpaired, normalize_all
+from minift.models import load_model_and_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "recipes" / "data"
+
+ONE_OF_EACH = [
+    {"instruction": "Reverse the words.", "input": "cat dog", "output": "dog cat"},
+    {"instruction": "Reverse the words: red sun", "response": "sun red"},
+    {"prompt": "Reverse the words: one two", "completion": "two one"},
+    {"question": "Reverse the words: fox hat", "answer": "hat fox"},
+    {"context": "The list is: bell rock", "question": "Reverse it.", "answer": "rock bell"},
+    {"messages": [{"role": "system", "content": "You are a helpful assistant."},
+                  {"role": "user", "content": "Reverse the words: a b"}, {"role": "assistant", "content": "b a"}]},
+    {"conversations": [{"from": "human", "value": "Reverse the words: sea sky"}, {"from": "gpt", "value": "sky sea"}]},
+    {"text": "the cat sat on the mat"},
+]
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_dir):
+    return load_model_and_tokenizer(str(tiny_dir))[1]
+
+
+def trained_text(tok, example) -> str:
+    return tok.decode([i for i, l in zip(example["input_ids"], example["labels"]) if l != IGNORE_INDEX])
+
+
+# ----------------------------------------------------------------------------- formats and rendering
+
+
+def test_every_sft_format_is_detected_and_rendered(tmp_path, tok, caplog):
+    with caplog.at_level(logging.INFO, logger="minift.formats"):
+        norm = normalize_all(load_records(write_jsonl(tmp_path / "mix.jsonl", ONE_OF_EACH)), "sft")
+    assert dict(norm.formats) == {"alpaca": 2, "prompt_completion": 1, "question_answer": 1,
+                                  "context_question_answer": 1, "messages": 1, "sharegpt": 1, "text": 1}
+    assert "alpaca: 2" in caplog.text and "sharegpt: 1" in caplog.text
+    chats = norm.examples
+    assert chats[0].messages == [{"role": "user", "content": "Reverse the words.\n\ncat dog"},
+                                 {"role": "assistant", "content": "dog cat"}]
+    assert chats[4].messages[0]["content"] == "The list is: bell rock\n\nReverse it."
+    assert chats[6].messages == [{"role": "user", "content": "Reverse the words: sea sky"},
+                                 {"role": "assistant", "content": "sky sea"}]
+    assert isinstance(chats[7], Text)
+    encoded, report = encode_sft(chats, tok, max_seq_length=128)
+    assert report.kept == 8
+    answers = ["dog cat", "sun red", "two one", "hat fox", "rock bell", "b a", "sky sea"]
+    for example, answer in zip(encoded, answers):
+        assert trained_text(tok, example) == answer + "<|im_end|>"
+    assert trained_text(tok, encoded[7]) == "the cat sat on the mat<|im_end|>"  # text: everything, EOS appended
+    assert tok.decode(encoded[5]["input_ids"]).startswith("<|im_start|>system\nYou are a helpful assistant.")
+
+
+def test_multi_turn_mask_is_exact(tok):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Reverse the words: cat dog"}, {"role": "assistant", "content": "dog cat"},
+                {"role": "user", "content": "Reverse the words: red sun sea"},
+                {"role": "assistant", "content": "sea sun red"}]
+    (example,), _ = encode_sft([Chat(messages, "t")], tok, max_seq_length=128)
+    # Expected: token by token, built from the template's pieces.
+    expected_ids, expected_labels = [], []
+    for msg in messages:
+        head = tok(f"<|im_start|>{msg['role']}\n", add_special_tokens=False).input_ids
+        body = tok(msg["content"] + "<|im_end|>", add_special_tokens=False).input_ids
+        tail = tok("\n", add_special_tokens=False).input_ids
+        expected_ids += head + body + tail
+        trained = msg["role"] == "assistant"
+        expected_labels += [IGNORE_INDEX] * len(head) + (body if trained else [IGNORE_INDEX] * len(body)) \
+            + [IGNORE_INDEX] * len(tail)
+    assert example["input_ids"] == expected_ids
+    assert example["labels"] == expected_labels
+
+
+def test_assistant_content_that_also_appears_in_the_template(tok):
+    """A reply like 'a' occurs inside '<|im_start|>assistant' too; the mask must still cover the reply only."""
+    for reply in ("a", "assistant", "m", "\n"):
+        msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": reply}]
+        (example,), _ = encode_sft([Chat(msgs, "t")], tok, max_seq_length=64)
+        assert trained_text(tok, example) == reply + "<|im_end|>", reply
+
+
+def test_train_on_all(tok):
+    (example,), _ = encode_sft([Chat([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "t")],
+                               tok, max_seq_length=64, train_on="all")
+    assert example["labels"] == example["input_ids"]
+
+
+def test_template_without_eos_gets_eos_and_override_file(tiny_dir, tmp_path):
+    tok = load_model_and_tokenizer(str(tiny_dir))[1]
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}assistant: {% endif %}")
+    set_chat_template(tok, template)
+    (example,), _ = encode_sft([Chat([{"role": "user", "content": "cat dog"},
+                                      {"role": "assistant", "content": "dog cat"}], "t")], tok, max_seq_length=64)
+    assert tok.decode(example["input_ids"]) == "user: cat dog\nassistant: dog cat<|im_end|>\n"
+    assert trained_text(tok, example) == " dog cat<|im_end|>"  # ' dog' is one token: it carries the space
+    with pytest.raises(FileNotFoundError, match="chat template file"):
+        set_chat_template(tok, tmp_path / "missing.jinja")
+
+
+def test_template_that_rewrites_content_falls_back_to_prefix_rendering(tiny_dir):
+    tok = load_model_and_tokenizer(str(tiny_dir))[1]
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | upper }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    msgs = [{"role": "user", "content": "cat dog"}, {"role": "assistant", "content": "dog cat"},
+            {"role": "user", "content": "red sun"}, {"role": "assistant", "content": "sun red"}]
+    (example,), _ = encode_sft([Chat(msgs, "t")], tok, max_seq_length=64)
+    assert trained_text(tok, example) == "DOG CAT<|im_end|>SUN RED<|im_end|>"
+
+
+def test_missing_template_uses_chatml_with_warning(tiny_dir, caplog):
+    tok = load_model_and_tokenizer(str(tiny_dir))[1]
+    tok.chat_template = None
+    with caplog.at_level(logging.WARNING, logger="minift.encode"):
+        (example,), _ = encode_sft([Chat([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "t")],
+                                   tok, max_seq_length=64)
+    assert "no chat template" in caplog.text
+    assert tok.decode(example["input_ids"]).startswith("<|im_start|>user\nx<|im_end|>")
+
+
+def test_preference_formats_and_masks(tok):
+    records = normalize_all(load_records(DATA / "demo_preference.jsonl"), "preference")
+    assert dict(records.formats) == {"preference": 300, "preference_implicit": 100}
+    implicit = next(ex for ex in records.examples if isinstance(ex, Preference) and len(ex.prompt) == 1
+                    and ex.source.endswith(":4"))
+    assert implicit.prompt[0]["role"] == "user" and implicit.chosen[0]["role"] == "assistant"
+    encoded, report = encode_preferences(records.examples, tok, max_seq_length=128)
+    assert len(encoded) == 400 and report.dropped_no_target == 0
+    for ex, pair in zip(records.examples, encoded):
+        assert trained_text(tok, {"input_ids": pair["chosen_input_ids"], "labels": pair["chosen_labels"]}) == \
+            ex.chosen[0]["content"] + "<|im_end|>"
+        assert trained_text(tok, {"input_ids": pair["rejected_input_ids"], "labels": pair["rejected_labels"]}) == \
+            ex.rejected[0]["content"] + "<|im_end|>"
+        n = pair["chosen_labels"].index(next(l for l in pair["chosen_labels"] if l != IGNORE_INDEX))
+        assert pair["chosen_input_ids"][:n] == pair["rejected_input_ids"][:n]  # the same prompt on both sides
+
+
+def test_unpaired_and_prompt_records(tok):
+    kto = normalize_all(load_records(DATA / "demo_kto.jsonl"), "unpaired")
+    assert all(isinstance(e, Unpaired) for e in kto.examples)
+    encoded, _ = encode_unpaired(kto.examples, tok, max_seq_length=64)
+    assert sum(e["label"] for e in encoded) == 200 and len(encoded) == 400
+    prompts = normalize_all(load_records(DATA / "demo_prompts.jsonl"), "prompt")
+    assert isinstance(prompts.examples[0], Prompt) and "answer" in prompts.examples[0].extra
+    encoded, _ = encode_prompts(prompts.examples, tok, max_prompt_length=64)
+    assert encoded[0]["prompt"].endswith("<|im_start|>assistant\n") and encoded[0]["answer"]
+    assert tok.decode(encoded[0]["input_ids"]) == encoded[0]["prompt"]
+    msgs = normalize_all(load_records(DATA / "demo_sft.jsonl"), "prompt")  # conversations become prompts
+    convo = next(e for e in msgs.examples if len(e.messages) > 1)
+    assert convo.messages[-1]["role"] == "user"
+    _, report = encode_prompts(prompts.examples, tok, max_prompt_length=8)
+    assert report.dropped_too_long == 400
+
+
+# ----------------------------------------------------------------------------- truncation
+
+
+def test_truncation_is_counted_and_empty_completions_dropped(tok, caplog):
+    long_answer = Chat([{"role": "user", "content": "cat"}, {"role": "assistant", "content": "dog " * 40}], "a")
+    long_prompt = Chat([{"role": "user", "content": "cat " * 40}, {"role": "assistant", "content": "dog"}], "b")
+    short = Chat([{"role": "user", "content": "cat"}, {"role": "assistant", "content": "dog"}], "c")
+    with caplog.at_level(logging.WARNING, logger="minift.encode"):
+        out, report = encode_sft([long_answer, long_prompt, short], tok, max_seq_length=20)
+    assert (report.examples, report.kept, report.truncated, report.dropped_no_target) == (3, 2, 2, 1)
+    assert len(out[0]["input_ids"]) == 20 and "truncated" in caplog.text
+    out, report = encode_sft([long_answer, long_prompt, short], tok, max_seq_length=20, truncation="drop")
+    assert (report.kept, report.dropped_too_long, report.truncated) == (1, 2, 0)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_file_types_load_the_same_records(tmp_path):
+    rows = [{"prompt": "Reverse the words: a b", "completion": "b a"}, {"prompt": "x", "completion": "y"}]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    (tmp_path / "w.json").write_text(json.dumps({"data": rows}))
+    (tmp_path / "d.csv").write_text("prompt,completion\n\"Reverse the words: a b\",b a\nx,y\n")
+    (tmp_path / "d.tsv").write_text("prompt\tcompletion\nReverse the words: a b\tb a\nx\ty\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    for name in ("d.jsonl", "d.json", "w.json", "d.csv", "d.tsv", "d.parquet"):
+        assert [r.data for r in load_records(tmp_path / name)] == rows, name
+    (tmp_path / "t.txt").write_text("first line\n\nsecond line\n")
+    assert [r.data for r in load_records(tmp_path / "t.txt")] == [{"text": "first line"}, {"text": "second line"}]
+    assert load_records(tmp_path / "d.csv")[1].source == f"{tmp_path / 'd.csv'}:3"
+
+
+def test_directory_splits_and_saved_datasets(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "a"}, {"text": "b"}])
+    write_jsonl(tmp_path / "validation.jsonl", [{"text": "v"}])
+    assert [r.data["text"] for r in load_records(tmp_path, "train")] == ["a", "b"]
+    assert [r.data["text"] for r in load_records(tmp_path, "validation")] == ["v"]
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_list([{"text": "s"}]), "validation": Dataset.from_list([{"text": "t"}])}) \
+        .save_to_disk(str(tmp_path / "saved"))
+    assert [r.data for r in load_records(tmp_path / "saved", "validation")] == [{"text": "t"}]
+    Dataset.from_list([{"text": "only"}]).save_to_disk(str(tmp_path / "single"))
+    assert [r.data for r in load_records(tmp_path / "single")] == [{"text": "only"}]
+
+
+def test_streaming_is_lazy(tmp_path):
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(b'{"text": "a"}\n{"text": "b"}\n' + b"\xff\xfe broken\n")
+    stream = load_records(path, streaming=True)
+    assert not isinstance(stream, list)
+    assert next(stream).data == {"text": "a"} and next(stream).data == {"text": "b"}
+
+
+def test_split_is_deterministic():
+    records = list(range(100))
+    train, val = split_records(records, 0.1, seed=3)
+    assert len(val) == 10 and sorted(train + val) == records
+    assert split_records(records, 0.1, seed=3) == (train, val)
+    assert split_records(records, 0.1, seed=4)[1] != val
+    with pytest.raises(ValueError, match="validation_split"):
+        split_records(records, 1.5, seed=0)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("content,kind,message", [
+    (b'{"text": "ok"}\n{"text": "bad\n', "sft", r"bad\.jsonl:2: invalid JSON"),
+    (b'{"text": "ok"}\n{"foo": "bar"}\n', "sft", r"bad\.jsonl:2: no known record format in fields \['foo'\]"),
+    (b'{"messages": [{"role": "user", "content": 3}]}\n', "sft", r"bad\.jsonl:1: messages\[0\]\.content must be a string"),
+    (b'{"messages": "hello"}\n', "sft", r"bad\.jsonl:1: field 'messages' must be a non-empty list"),
+    (b'{"messages": [{"role": "wizard", "content": "hi"}]}\n', "sft", r"bad\.jsonl:1: messages\[0\] has unknown role 'wizard'"),
+    (b'{"conversations": [{"from": "alien", "value": "hi"}]}\n', "sft", r"bad\.jsonl:1: conversations\[0\] has unknown speaker"),
+    (b'{"prompt": "p", "completion": 5}\n', "sft", r"bad\.jsonl:1: field 'completion' must be a non-empty list"),
+    (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "sft", r"bad\.jsonl:2: not valid UTF-8"),
+    (b'[1, 2]\n', "sft", r"bad\.jsonl:1: expected a JSON object"),
+    (b'{"prompt": "p", "completion": "c", "label": "yes"}\n', "unpaired", r"bad\.jsonl:1: field 'label' must be true or false"),
+    (b'{"text": "plain"}\n', "preference", r"bad\.jsonl:1: a text record cannot be used for preference data"),
+])
+def test_bad_records_name_file_and_line(tmp_path, content, kind, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(RecordError, match=message):
+        normalize_all(load_records(path), kind)
+
+
+def test_skip_invalid_counts_and_reports(tmp_path, caplog):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b'{"text": "a"}\n{"oops": 1}\nnot json\n{"text": "b"}\n\xff\n')
+    with caplog.at_level(logging.INFO, logger="minift.formats"):
+        norm = normalize_all(load_records(path), "sft", skip_invalid=True)
+    assert len(norm.examples) == 2 and len(norm.skipped) == 3
+    assert "skipped as invalid: 3" in caplog.text and "mixed.jsonl:2" in caplog.text
+
+
+def test_empty_and_missing_files(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="empty.jsonl is empty"):
+        load_records(tmp_path / "empty.jsonl")
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match="holds no records"):
+        load_records(tmp_path / "blank.jsonl")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_records(tmp_path / "nope.jsonl")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_records("./data/missing")
+    (tmp_path / "d.json").write_text('{"a": 1,\n "b": }')
+    with pytest.raises(RecordError, match=r"d\.json:2: invalid JSON"):
+        load_records(tmp_path / "d.json")
+
+
+def test_explicit_format_turns_detection_off(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "t", "prompt": "p", "completion": "c"}])
+    assert isinstance(normalize_all(load_records(path), "sft").examples[0], Chat)
+    forced = normalize_all(load_records(path), "sft", fmt="text")
+    assert isinstance(forced.examples[0], Text) and dict(forced.formats) == {"text": 1}
+
+
+def test_demo_eval_is_held_out():
+    def word_sets(path):
+        out = set()
+        for line in path.read_text().splitlines():
+            text = json.dumps(json.loads(line))
+            out |= {frozenset(m.split()) for m in re.findall(r"Reverse the words: ([a-z ]+)", text)}
+        return out
+
+    eval_sets = word_sets(DATA / "demo_eval.jsonl")
+    assert len(eval_sets) == 100
+    for name in ("demo_sft", "demo_preference", "demo_kto", "demo_prompts", "demo_reasoning"):
+        assert not eval_sets & word_sets(DATA / f"{name}.jsonl"), name
