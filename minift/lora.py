@@ -185,8 +185,16 @@ class LoraLayer(nn.Module):
             xa = self.lora_dropout[name](x.to(a.weight.dtype))
             if name in self.lora_magnitude_vector:
                 result = result + self._dora_delta(name, xa, result).to(out_dtype)
+                continue
+            # Scale the rank-r activations (r values per token, not out_features), and let one GEMM
+            # add B's product into the result: two fewer passes over the [tokens, out] output than
+            # `result + B(A(x)) * scale`.
+            h = a(xa) * self.scaling[name]
+            if torch.is_autocast_enabled(h.device.type) or h.dtype == out_dtype:
+                flat = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), b.weight.t())
+                result = flat.view(result.shape)
             else:
-                result = result + (b(a(xa)) * self.scaling[name]).to(out_dtype)
+                result = result + b(h).to(out_dtype)
         return result
 
     def _dora_delta(self, name: str, xa: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
@@ -300,12 +308,16 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         head = model.get_output_embeddings()
         output_head = next((n for n, m in model.named_modules() if m is head), None)
     saved = config.modules_to_save or []
-    candidates, found = [], []
+    candidates, found, wrappers = [], [], []
     for name, module in model.named_modules():
-        if isinstance(module, ModulesToSave) or ".modules_to_save." in name or ".original_module" in name:
+        if any(name.startswith(w + ".") for w in wrappers):
+            continue  # LoRA's own A/B layers and saved copies are never targets
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            wrappers.append(name)
+        if isinstance(module, ModulesToSave):
             continue
         base = module.base_layer if isinstance(module, LoraLayer) else module
-        if ".base_layer" in name or base_kind(base) is None:
+        if base_kind(base) is None:
             continue
         candidates.append(name)
         if config.exclude_modules and _name_matches(config.exclude_modules, name):

@@ -209,6 +209,7 @@ def test_two_named_adapters_frozen_plus_trainable(llama, batch):
         llama.lm_head.modules_to_save["sft"].weight.mul_(1.5)
     after_sft = logits(llama, batch)
     apply_lora(llama, LoraConfig(r=2, lora_alpha=4, modules_to_save=["lm_head"]), "dpo")
+    assert len(list(lora_layers(llama))) == 14  # the second adapter joins the same layers; A/B are never wrapped
     assert (logits(llama, batch) - after_sft).abs().max() < 1e-6  # the new adapter starts as identity
     # The dpo copy of lm_head starts from the sft copy, not the original.
     assert torch.equal(llama.lm_head.modules_to_save["dpo"].weight, llama.lm_head.modules_to_save["sft"].weight)
