@@ -35,6 +35,7 @@ from minift.lora import (
     lora_layers,
     merge_lora,
     saved_modules,
+    set_trainable,
     unwrap_lora,
 )
 from minift.weights import base_kind, layer_features
@@ -237,6 +238,9 @@ def load_adapter(
 ) -> LoraConfig:
     """Load a PEFT-format adapter (minift's or peft's) into ``model`` as ``adapter_name``.
 
+    If the model already has an adapter of that name and layout (a resumed run), its weights are
+    overwritten in place, so optimizer state keeps pointing at the same parameters.
+
     Every tensor must land on a module of the right shape and rank, or this raises: an adapter
     that silently does nothing is the worst outcome. ``check_base`` compares the base fingerprint
     minift records with the model's (skipped for adapters written by other tools).
@@ -266,7 +270,12 @@ def load_adapter(
         module = layers[path].base_layer if path in layers else modules[path]
         _check_shapes(adapter_dir, path, parts, module, lora_config.rank_for(path))
     _check_complete(adapter_dir, model, config, lora)
-    apply_lora(model, lora_config, adapter_name=adapter_name, trainable=trainable)
+    if adapter_name in adapter_configs(model):  # restore weights into an adapter of the same shape (resume)
+        _check_same_adapter(adapter_dir, model, adapter_name, lora)
+        if trainable:
+            set_trainable(model, [adapter_name])
+    else:
+        apply_lora(model, lora_config, adapter_name=adapter_name, trainable=trainable)
     layers = dict(lora_layers(model))
     with torch.no_grad():
         for path, parts in lora.items():
@@ -284,6 +293,17 @@ def load_adapter(
                 raise ValueError(f"{adapter_dir}: modules_to_save module {path} has no tensors in the file")
             wrapper.modules_to_save[adapter_name].load_state_dict(full[path], strict=True)
     return lora_config
+
+
+def _check_same_adapter(where: Path, model: nn.Module, adapter_name: str, lora: dict) -> None:
+    have = {path for path, layer in lora_layers(model) if adapter_name in layer.lora_A}
+    if have != set(lora):
+        raise ValueError(f"{where} covers {len(lora)} modules but the model's adapter {adapter_name!r} covers "
+                         f"{len(have)}; they are not the same adapter layout")
+    for path, layer in lora_layers(model):
+        if path in lora and layer.lora_A[adapter_name].weight.shape != lora[path]["A"].shape:
+            raise ValueError(f"{where}: {path} has rank {lora[path]['A'].shape[0]}, the model's adapter "
+                             f"{layer.lora_A[adapter_name].weight.shape[0]}")
 
 
 def _check_shapes(where: Path, path: str, parts: dict, module: nn.Module, rank: int) -> None:

@@ -15,8 +15,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from minift.data import RecordError
 from minift.formats import Chat, Preference, Prompt, Text, Unpaired
 from minift.models import CHATML_TEMPLATE
@@ -135,16 +133,29 @@ def _end_with_eos(text: str, spans: list[tuple[int, int]], trained: list[bool], 
     return text[:e] + eos + text[e:], spans[:-1] + [(s, e + len(eos))]
 
 
-def _labels_from_spans(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
-    """Keep a token's label when its characters overlap a trained span (a token such as ' dog' may begin
-    with the separator just before the span)."""
-    bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    keep = np.zeros(len(ids), dtype=bool)
-    for s, e in spans:
-        keep |= (bounds[:, 0] < e) & (bounds[:, 1] > s)
-    labels = np.asarray(ids, dtype=np.int64)
-    labels[~keep] = IGNORE_INDEX
-    return labels
+def _span_tokens(encoding, start: int, end: int) -> tuple[int, int]:
+    """Token range ``[t0, t1)`` of the tokens overlapping characters ``[start, end)`` (a token such as
+    ' dog' may begin with the separator just before the span: it is trained)."""
+    t0 = next((t for c in range(start, end) if (t := encoding.char_to_token(c)) is not None), None)
+    if t0 is None:
+        return 0, 0
+    t1 = next(t for c in range(end - 1, start - 1, -1) if (t := encoding.char_to_token(c)) is not None)
+    return t0, t1 + 1
+
+
+def _backend(tokenizer):
+    """The Rust tokenizer (character offsets, batch encoding), with no truncation or padding of its own."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"{type(tokenizer).__name__} has no fast (tokenizers) backend; minift needs one to "
+                         f"compute label masks from character offsets")
+    if backend.truncation or backend.padding:  # never cut or pad silently: work on an unconfigured copy
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(backend.to_str())
+        backend.no_truncation()
+        backend.no_padding()
+    return backend
 
 
 class _Encoder:
@@ -159,20 +170,23 @@ class _Encoder:
             raise ValueError(f"max_seq_length must be > 1, got {max_seq_length}")
         set_chat_template(tokenizer)  # a no-op when the tokenizer has a template
         self.tokenizer, self.max_len, self.truncation, self.train_on = tokenizer, max_seq_length, truncation, train_on
-        self.eos_id = tokenizer.eos_token_id
+        self.backend = _backend(tokenizer)
         self.report = EncodeReport()
 
     def encode(self, texts: list[str], spans: list[list[tuple[int, int]] | None]) -> list[tuple[list[int], list[int]] | None]:
         """Tokenize rendered texts; ``spans=None`` means train on everything. None marks a dropped example."""
-        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         out = []
-        for ids, offsets, span in zip(enc["input_ids"], enc["offset_mapping"], spans):
+        for encoding, span in zip(self.backend.encode_batch(texts, add_special_tokens=False), spans):
             self.report.examples += 1
+            ids = encoding.ids
             if span is None or self.train_on == "all":
-                labels = np.asarray(ids, dtype=np.int64)
+                labels = list(ids)
             else:
-                labels = _labels_from_spans(ids, offsets, span)
-            out.append(self._fit(list(ids), labels.tolist()))
+                labels = [IGNORE_INDEX] * len(ids)
+                for start, end in span:
+                    t0, t1 = _span_tokens(encoding, start, end)
+                    labels[t0:t1] = ids[t0:t1]
+            out.append(self._fit(ids, labels))
         return out
 
     def _fit(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]] | None:
@@ -182,7 +196,8 @@ class _Encoder:
                 return None
             ids, labels = ids[: self.max_len], labels[: self.max_len]
             self.report.truncated += 1
-        trained = sum(1 for x in labels[1:] if x != IGNORE_INDEX)  # label 0 is never a target
+        # label 0 is never a target (nothing precedes it)
+        trained = len(labels) - labels.count(IGNORE_INDEX) - (labels[0] != IGNORE_INDEX)
         if trained == 0:
             self.report.dropped_no_target += 1
             return None

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_lora import logits, randomize_b
+from test_lora import close, logits, randomize_b
 from transformers import AutoModelForCausalLM
 
 from minift.adapters import combine_adapters, load_adapter, merge_and_save, save_adapter
@@ -104,7 +104,7 @@ def test_combine_equals_chain(tiny_dir, batch, tmp_path):
     assert weights["base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight"].shape == (2, 64)
     fresh, _ = load_model_and_tokenizer(str(tiny_dir))
     load_adapter(fresh.eval(), out)
-    assert (logits(fresh, batch) - chain).abs().max() < 1e-5
+    assert close(logits(fresh, batch), chain, 1e-5)
 
 
 def test_merged_model_loads_with_plain_transformers(tiny_dir, batch, tmp_path):
@@ -119,7 +119,7 @@ def test_merged_model_loads_with_plain_transformers(tiny_dir, batch, tmp_path):
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     assert type(plain).__name__ == "LlamaForCausalLM"
-    assert (logits(plain, batch) - expected).abs().max() < 1e-5
+    assert close(logits(plain, batch), expected, 1e-5)
 
 
 def test_merge_adapter_cli(tiny_dir, batch, tmp_path):
@@ -131,7 +131,7 @@ def test_merge_adapter_cli(tiny_dir, batch, tmp_path):
                              str(tmp_path / "a"), "-o", str(tmp_path / "m")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
-    assert (logits(plain, batch) - expected).abs().max() < 1e-5
+    assert close(logits(plain, batch), expected, 1e-5)
     bad = subprocess.run([sys.executable, str(ROOT / "tools" / "merge_adapter.py"), str(tiny_dir),
                           str(tmp_path / "nope"), "-o", str(tmp_path / "m2")], capture_output=True, text=True)
     assert bad.returncode != 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr

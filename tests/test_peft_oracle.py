@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from test_lora import logits, randomize_b
+from test_lora import close, logits, randomize_b
 
 from minift.adapters import load_adapter, save_adapter
 from minift.lora import LoraConfig, apply_lora, lora_layers
@@ -49,7 +49,7 @@ def test_peft_loads_minift_adapter(tiny_dir, batch, tmp_path, case):
     theirs = logits(theirs_model, batch)
     base, _ = load_model_and_tokenizer(str(tiny_dir))
     assert (theirs - logits(base.eval(), batch)).abs().max() > 1e-2  # the adapter is active in peft
-    assert (theirs - ours).abs().max() < 1e-5
+    assert close(theirs, ours, 1e-5)
 
 
 def peft_adapter(base_dir, out_dir, **kwargs):
@@ -68,7 +68,7 @@ def test_minift_loads_peft_adapter_llama(tiny_dir, batch, tmp_path, kwargs):
     expected = peft_adapter(tiny_dir, tmp_path / "p", **kwargs)
     model, _ = load_model_and_tokenizer(str(tiny_dir))
     load_adapter(model.eval(), tmp_path / "p")
-    assert (logits(model, batch) - expected).abs().max() < 1e-5
+    assert close(logits(model, batch), expected, 1e-5)
 
 
 def test_minift_loads_peft_adapter_conv1d(gpt2_dir, batch, tmp_path):
@@ -77,7 +77,7 @@ def test_minift_loads_peft_adapter_conv1d(gpt2_dir, batch, tmp_path):
     model, _ = load_model_and_tokenizer(str(gpt2_dir))
     load_adapter(model.eval(), tmp_path / "p")
     assert {layer.kind for _, layer in lora_layers(model)} == {"conv1d"}
-    assert (logits(model, batch) - expected).abs().max() < 1e-5
+    assert close(logits(model, batch), expected, 1e-5)
 
 
 def test_peft_loads_minift_conv1d_adapter(gpt2_dir, batch, tmp_path):
@@ -87,4 +87,4 @@ def test_peft_loads_minift_conv1d_adapter(gpt2_dir, batch, tmp_path):
     ours = logits(model.eval(), batch)
     save_adapter(model, tmp_path / "a")
     theirs = logits(load_with_peft(gpt2_dir, tmp_path / "a"), batch)
-    assert (theirs - ours).abs().max() < 1e-5
+    assert close(theirs, ours, 1e-5)

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from test_lora import logits, randomize_b
+from test_lora import close, logits, randomize_b
 
 from minift.adapters import load_adapter, merge_and_save, save_adapter
 from minift.lora import (
@@ -86,7 +86,7 @@ def test_qlora_adapter_merges_exactly_into_full_precision_base(tiny_dir, batch, 
     expected = logits(full, batch)
     merge_and_save(str(tiny_dir), [tmp_path / "qlora"], tmp_path / "merged")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    assert (logits(plain, batch) - expected).abs().max() < 1e-5
+    assert close(logits(plain, batch), expected, 1e-5)
 
 
 def test_eval_pass_does_not_cut_4bit_gradients(tiny_dir, batch):

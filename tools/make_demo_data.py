@@ -8,7 +8,7 @@ The task is "reverse a short list of 2-4 distinct words", e.g. the prompt
 ``Reverse the words: cat dog red`` has the answer ``red dog cat``. The words are line 4 of
 minift/tiny_corpus.txt (the tiny model's tokenizer corpus). Files written:
 
-- demo_sft.jsonl         800 SFT records, round-robin over alpaca (output / response / no input),
+- demo_sft.jsonl        5000 SFT records, round-robin over alpaca (output / response / no input),
                          prompt/completion, question/answer, messages (plain, with a system turn,
                          two-exchange multi-turn) and ShareGPT conversations.
 - demo_eval.jsonl        100 held-out {"prompt", "answer"} records (equal mix of 2, 3, 4 words); no
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "minift" / "tiny_corpus.txt"
 OUT_DIR = ROOT / "recipes" / "data"
 SYSTEM = "You are a helpful assistant."
-N_EVAL, N_POOL = 100, 3000
+N_EVAL, N_POOL = 100, 12000
 
 
 def load_vocab() -> list[str]:
@@ -138,7 +138,7 @@ SFT_FORMATS = [
 ]  # fmt: skip
 
 
-def make_sft(rng: random.Random, pool: list[tuple], n: int = 800) -> list[dict]:
+def make_sft(rng: random.Random, pool: list[tuple], n: int = 5000) -> list[dict]:
     lists = rng.sample(pool, 2 * n)  # the second half feeds the multi-turn records' second exchange
     return [sft_record(SFT_FORMATS[i % len(SFT_FORMATS)], lists[i], lists[n + i]) for i in range(n)]
 

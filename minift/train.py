@@ -1,0 +1,399 @@
+"""The pieces every recipe's loop uses; the loop itself is written out in each recipe.
+
+Accelerator set-up, the model with its adapters, optimizer and schedule, deterministic sharded
+batches, a loss wrapper that DDP can see, evaluation, atomic checkpoints with exact resume, and
+metrics logging. Everything here works the same with one process or many (``accelerate launch``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from minift.adapters import atomic_directory, load_adapter, save_adapter
+from minift.config import TrainConfig, config_to_dict
+from minift.lora import LoraConfig, ModulesToSave, apply_lora, merge_lora, unwrap_lora
+from minift.losses import chunked_cross_entropy
+from minift.models import load_model_and_tokenizer
+
+logger = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+ADAPTER = "default"  # the trainable adapter; an init_adapter is loaded frozen as "init"
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def make_accelerator(cfg: TrainConfig):
+    """An Accelerator with the configured (or launcher-given) mixed precision and trackers; seeds everything."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_dir=cfg.output_dir,
+    )
+    set_seed(cfg.seed)
+    return accelerator
+
+
+def lora_config_from(cfg: TrainConfig) -> LoraConfig:
+    targets = cfg.target_modules
+    if targets == ["all-linear"]:
+        spec: list[str] | str = "all-linear"
+    elif len(targets) == 1 and re.search(r"[*+?\[\](){}|^$\\]", targets[0]):
+        spec = targets[0]  # a regular expression
+    else:
+        spec = targets
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=spec,
+                      use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
+
+
+def load_for_training(cfg: TrainConfig):
+    """Base model + tokenizer, the frozen init adapter (if any) and the trainable adapter (or full fine-tune)."""
+    quantization = "4bit" if cfg.use_4bit else "8bit" if cfg.use_8bit else None
+    model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, dtype=cfg.dtype, quantization=quantization,
+                                                gradient_checkpointing=cfg.gradient_checkpointing)
+    if cfg.init_adapter:
+        load_adapter(model, cfg.init_adapter, adapter_name="init", trainable=False)
+    if cfg.lora_r > 0:
+        apply_lora(model, lora_config_from(cfg), adapter_name=ADAPTER)
+    else:
+        if cfg.init_adapter:  # a full fine-tune starts from base + init adapter, folded in exactly
+            merge_lora(model)
+            unwrap_lora(model)
+        model.requires_grad_(True)
+    return model, tokenizer
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' 8-bit AdamW); no weight decay on biases, norms and DoRA magnitudes (1-D)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for _, p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optim == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate)
+    import bitsandbytes as bnb
+
+    if cfg.optim == "paged_adamw_8bit":
+        if not torch.cuda.is_available():
+            raise ValueError("paged_adamw_8bit pages optimizer state through CUDA memory; use adamw_8bit on CPU")
+        return bnb.optim.PagedAdamW8bit(groups, lr=cfg.learning_rate)
+    return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate)
+
+
+def make_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = cfg.warmup_steps or int(math.ceil(cfg.warmup_ratio * total_steps))
+    name = "constant_with_warmup" if cfg.lr_scheduler_type == "constant" else cfg.lr_scheduler_type
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+class ShardedBatches:
+    """Deterministic micro-batches: epoch e shuffles the rows with ``seed + e``; global micro-batch j of
+    the epoch is rows ``perm[j*G:(j+1)*G]`` (G = per-device batch x processes); each process takes its
+    slice. A step covers micro-batches ``[step*accum, (step+1)*accum)``, so resuming at a step is exact
+    and N processes with batch b see the same data as one process with batch N*b."""
+
+    def __init__(self, rows: list, per_device: int, num_processes: int, rank: int, seed: int, collate):
+        self.rows, self.per_device, self.rank, self.seed, self.collate = rows, per_device, rank, seed, collate
+        self.global_batch = per_device * num_processes
+        self.per_epoch = len(rows) // self.global_batch
+        if self.per_epoch == 0:
+            raise ValueError(f"only {len(rows)} training rows, fewer than one global batch ({self.global_batch}); "
+                             f"lower per_device_train_batch_size or add data")
+        self._perm_epoch, self._perm = -1, None
+
+    def micro_batch(self, index: int) -> dict:
+        epoch, j = divmod(index, self.per_epoch)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.rows), generator=g).tolist(), epoch
+        start = j * self.global_batch + self.rank * self.per_device
+        return self.collate([self.rows[i] for i in self._perm[start: start + self.per_device]])
+
+
+def total_steps(cfg: TrainConfig, batches: ShardedBatches) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.num_train_epochs * batches.per_epoch / cfg.gradient_accumulation_steps))
+
+
+def trained_tokens(batch: dict) -> torch.Tensor:
+    """Tokens that are prediction targets (labels shifted by one, as the model uses them)."""
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+class CausalLMLoss(nn.Module):
+    """Wraps a causal LM so that one forward (the one DDP watches) returns the summed cross-entropy
+    over trained tokens and their count. Only positions with a label reach the LM head, in chunks,
+    so ``[batch, seq, vocab]`` logits never exist."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = 4096):
+        super().__init__()
+        self.model, self.chunk_size = model, chunk_size
+
+    def _hidden_and_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                    position_ids=batch.get("position_ids"), use_cache=False)
+        targets = batch["labels"][:, 1:]
+        mask = targets != IGNORE_INDEX
+        return out.last_hidden_state[:, :-1][mask], targets[mask]
+
+    def _logit_options(self) -> dict:
+        cfg = self.model.config
+        return {"softcap": getattr(cfg, "final_logit_softcapping", None), "scale": getattr(cfg, "logit_scale", None)}
+
+    def forward(self, **batch) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, targets = self._hidden_and_targets(batch)
+        head = self.model.get_output_embeddings()
+        if isinstance(head, ModulesToSave):
+            head = head.current()
+        if type(head) is nn.Linear:
+            loss = chunked_cross_entropy(hidden, head.weight, targets, chunk_size=self.chunk_size, bias=head.bias,
+                                         **self._logit_options())
+        else:  # a LoRA-wrapped or quantized head: recompute each chunk's logits in backward instead
+            loss = hidden.new_zeros((), dtype=torch.float32)
+            for h, t in zip(hidden.split(self.chunk_size), targets.split(self.chunk_size)):
+                loss = loss + checkpoint(self._chunk_loss, head, h, t, use_reentrant=False)
+        return loss, targets.numel()
+
+    def _chunk_loss(self, head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self._logits(head, h), t, reduction="sum")
+
+    def _logits(self, head: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()
+        opts = self._logit_options()
+        if opts["scale"]:
+            logits = logits * opts["scale"]
+        if opts["softcap"]:
+            logits = opts["softcap"] * torch.tanh(logits / opts["softcap"])
+        return logits
+
+    @torch.no_grad()
+    def eval_sums(self, batch: dict) -> torch.Tensor:
+        """``[summed cross-entropy, correct argmax predictions, trained tokens]`` for one batch."""
+        hidden, targets = self._hidden_and_targets(batch)
+        head = self.model.get_output_embeddings()
+        sums = torch.zeros(3, dtype=torch.float64)
+        for h, t in zip(hidden.split(self.chunk_size), targets.split(self.chunk_size)):
+            logits = self._logits(head, h)
+            sums[0] += F.cross_entropy(logits, t, reduction="sum").item()
+            sums[1] += (logits.argmax(-1) == t).sum().item()
+        sums[2] = targets.numel()
+        return sums
+
+
+def evaluate(accelerator, loss_model: CausalLMLoss, batches: list[dict]) -> dict[str, float]:
+    """Loss, perplexity and token accuracy over this process's eval batches, summed over processes."""
+    was_training = loss_model.training
+    loss_model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)
+    with accelerator.autocast():
+        for batch in batches:
+            sums += loss_model.eval_sums({k: v.to(accelerator.device) for k, v in batch.items()})
+    loss_model.train(was_training)
+    sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
+    loss = (sums[0] / sums[2]).item() if sums[2] else float("nan")
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_token_acc": (sums[1] / sums[2]).item()}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(accelerator, cfg: TrainConfig, model: nn.Module, optimizer, scheduler, state: dict) -> Path:
+    """Write ``output_dir/checkpoint-<step>`` atomically: weights, optimizer, scheduler, RNG of every process,
+    and the trainer state (step, metrics, best checkpoint). Returns its path."""
+    from accelerate.utils import gather_object
+
+    rng_states = gather_object([_rng_state()])
+    path = Path(cfg.output_dir) / f"checkpoint-{state['step']}"
+    if accelerator.is_main_process:
+        with atomic_directory(path) as tmp:
+            save_weights(model, tmp, cfg)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rng_states, tmp / "rng.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps({**state, "checkpoint": str(path)}, indent=2))
+        prune_checkpoints(Path(cfg.output_dir), cfg.save_total_limit, keep=[path, state.get("best_checkpoint")])
+    accelerator.wait_for_everyone()
+    return path
+
+
+def save_weights(model: nn.Module, out_dir: Path, cfg: TrainConfig) -> None:
+    """The trainable adapter (PEFT format) in ``out_dir/adapter``, or the full model in ``out_dir/model``."""
+    if cfg.lora_r > 0:
+        save_adapter(model, out_dir / "adapter", adapter_name=ADAPTER, base_model_name_or_path=cfg.model_name_or_path,
+                     parents=[cfg.init_adapter] if cfg.init_adapter else [])
+    else:
+        model.save_pretrained(out_dir / "model")
+
+
+def prune_checkpoints(output_dir: Path, limit: int, keep: list) -> None:
+    """Delete the oldest checkpoints beyond ``limit``, never one in ``keep`` (the newest and the best)."""
+    if limit <= 0:
+        return
+    keep = {str(k) for k in keep if k}
+    found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    extra = len(found) - limit
+    for path in found:
+        if extra <= 0:
+            break
+        if str(path) not in keep:
+            shutil.rmtree(path)
+            extra -= 1
+
+
+def find_checkpoint(output_dir: str, spec: str) -> Path | None:
+    """``auto``: the newest ``checkpoint-N`` in output_dir (None if there is none); else the given path."""
+    if spec != "auto":
+        path = Path(spec)
+        if not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"{path} is not a checkpoint (no trainer_state.json)")
+        return path
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
+
+
+def load_checkpoint(path: Path, accelerator, cfg: TrainConfig, model: nn.Module, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and this process's RNG; return the trainer state."""
+    if cfg.lora_r > 0:
+        load_adapter(model, path / "adapter", adapter_name=ADAPTER, trainable=True)
+    else:
+        from safetensors.torch import load_file
+
+        state = {}
+        for file in sorted((path / "model").glob("*.safetensors")):
+            state.update(load_file(str(file)))
+        result = model.load_state_dict(state, strict=False)
+        loaded = {p.data_ptr() for n, p in model.named_parameters() if n in state}
+        missing = [k for k in result.missing_keys if model.get_parameter(k).data_ptr() not in loaded]  # tied: fine
+        if result.unexpected_keys or missing:
+            raise ValueError(f"{path / 'model'} does not match the model: missing {missing[:3]}, "
+                             f"unexpected {result.unexpected_keys[:3]}")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    _set_rng_state(rng[accelerator.process_index])
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+# ----------------------------------------------------------------------------- logging and results
+
+
+class MetricsLog:
+    """Appends metrics to ``output_dir/metrics.jsonl`` and any Accelerate tracker (main process only)."""
+
+    def __init__(self, accelerator, output_dir: str, resume_step: int = 0):
+        self.accelerator, self.path = accelerator, Path(output_dir) / "metrics.jsonl"
+        self.history: list[dict] = []
+        if accelerator.is_main_process and self.path.exists():  # keep what a resumed run already logged
+            lines = self.path.read_text().splitlines()
+            self.history = [r for r in map(json.loads, lines) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        record = {"step": step, **{k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}}
+        self.history.append(record)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.accelerator.trackers:
+            self.accelerator.log(metrics, step=step)
+
+
+def plot_losses(history: list[dict], path: Path) -> Path | None:
+    """A loss-curve PNG when matplotlib is installed (an optional dependency); else None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in ("loss", "eval_loss"):
+        points = [(r["step"], r[key]) for r in history if key in r]
+        if points:
+            ax.plot(*zip(*points), label=key, marker="o" if key == "eval_loss" else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_run_json(cfg: TrainConfig, output_dir: str, **fields) -> Path:
+    """``run.json``: the config, output paths, final metrics and timings; what callers and pipelines read back."""
+    path = Path(output_dir) / "run.json"
+    path.write_text(json.dumps({"config": config_to_dict(cfg), **fields}, indent=2, default=str) + "\n")
+    return path
+
+
+def push_to_hub(cfg: TrainConfig, folder: Path) -> str:
+    """Upload ``folder`` to ``cfg.hub_repo_id`` (token from HF_TOKEN or the login cache; never logged)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(cfg.hub_repo_id, private=cfg.hub_private, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=cfg.hub_repo_id, commit_message="Upload from minift")
+    return f"https://huggingface.co/{cfg.hub_repo_id}"
+
+
+class Throughput:
+    """Tokens per second over the steps since the last call."""
+
+    def __init__(self):
+        self.start, self.tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self.start
+        rate = self.tokens / elapsed if elapsed > 0 else 0.0
+        self.start, self.tokens = time.perf_counter(), 0
+        return rate
