@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from pathlib import Path
@@ -132,6 +133,22 @@ def config_from_dict(cls: type[T], values: dict[str, Any], where: str = "config"
     return _build(cls, _checked(cls, values, where, lines), where)
 
 
+def _glue_negative_numbers(argv: list[str]) -> list[str]:
+    """``--learning_rate -1e-4`` -> ``--learning_rate=-1e-4``: argparse reads "-1e-4" as an unknown option."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and arg.startswith("-"):
+            try:
+                float(arg)
+            except ValueError:
+                pass
+            else:
+                out[-1] = f"{out[-1]}={arg}"
+                continue
+        out.append(arg)
+    return out
+
+
 def parse_config(cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
     """Defaults < ``--config FILE.yaml`` < CLI flags. Raises ConfigError (argparse exits on ``--help``)."""
     types_ = _field_types(cls)
@@ -144,7 +161,16 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str |
         flag = {"nargs": "?", "const": "true"} if annotation is bool else {}  # `--packing` alone means true
         parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, metavar=kind,
                             help=f"{f.metadata.get('help', '')} (default: {shown})", **flag)
-    args = vars(parser.parse_args(argv))
+    args, extra = parser.parse_known_args(_glue_negative_numbers(sys.argv[1:] if argv is None else list(argv)))
+    if extra:  # argparse would only say "unrecognized arguments"; name the closest flag instead
+        flag = next((a for a in extra if a.startswith("--")), None)
+        if flag is None:
+            raise ConfigError(f"command line: unexpected argument {extra[0]!r}; options are written --name value")
+        name = flag[2:].split("=", 1)[0]
+        close = difflib.get_close_matches(name, list(types_), n=1)
+        hint = f"; did you mean --{close[0]}?" if close else "; see --help for the options"
+        raise ConfigError(f"command line: unknown flag --{name}{hint}")
+    args = vars(args)
     path = args.pop("config", None)
     values, where = {}, "command line"
     if path:
@@ -230,6 +256,8 @@ class TrainConfig:
             (self.mixed_precision in (None, "no", "bf16", "fp16"),
              f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}"),
             (self.lora_r >= 0, f"lora_r must be >= 0 (0 = full fine-tune), got {self.lora_r}"),
+            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}"),
+            (0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}"),
             (not (self.use_4bit and self.use_8bit), "use_4bit and use_8bit are exclusive"),
             (not ((self.use_4bit or self.use_8bit) and self.lora_r == 0),
              "a 4/8-bit base cannot be fully fine-tuned: set lora_r > 0"),

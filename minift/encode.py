@@ -169,7 +169,7 @@ class _Encoder:
         if max_seq_length <= 1:
             raise ValueError(f"max_seq_length must be > 1, got {max_seq_length}")
         set_chat_template(tokenizer)  # a no-op when the tokenizer has a template
-        self.tokenizer, self.max_len, self.truncation, self.train_on = tokenizer, max_seq_length, truncation, train_on
+        self.max_len, self.truncation, self.train_on = max_seq_length, truncation, train_on
         self.backend = _backend(tokenizer)
         self.report = EncodeReport()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import re
 import shutil
@@ -23,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from minift.adapters import atomic_directory, load_adapter, save_adapter
-from minift.config import TrainConfig, config_to_dict
+from minift.config import ConfigError, TrainConfig, config_to_dict
 from minift.lora import LoraConfig, ModulesToSave, apply_lora, merge_lora, unwrap_lora
 from minift.losses import chunked_cross_entropy
 from minift.models import load_model_and_tokenizer
@@ -41,7 +42,12 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    # Accelerate only sets up a CPU process group (gloo) when asked for the CPU; without this, processes
+    # started by torchrun / `accelerate launch` on a machine without a GPU each train alone on all the data.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     accelerator = Accelerator(
+        cpu=launched and not has_device,
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=cfg.output_dir,
@@ -70,7 +76,10 @@ def load_for_training(cfg: TrainConfig):
     if cfg.init_adapter:
         load_adapter(model, cfg.init_adapter, adapter_name="init", trainable=False)
     if cfg.lora_r > 0:
-        apply_lora(model, lora_config_from(cfg), adapter_name=ADAPTER)
+        try:
+            apply_lora(model, lora_config_from(cfg), adapter_name=ADAPTER)
+        except ValueError as err:  # e.g. target_modules matching no layer: the user's config, not a crash
+            raise ConfigError(str(err)) from err
     else:
         if cfg.init_adapter:  # a full fine-tune starts from base + init adapter, folded in exactly
             merge_lora(model)
@@ -212,7 +221,8 @@ def evaluate(accelerator, loss_model: CausalLMLoss, batches: list[dict]) -> dict
     sums = torch.zeros(3, dtype=torch.float64)
     with accelerator.autocast():
         for batch in batches:
-            sums += loss_model.eval_sums({k: v.to(accelerator.device) for k, v in batch.items()})
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            sums += accelerator.unwrap_model(loss_model).eval_sums(batch)  # DDP does not expose eval_sums
     loss_model.train(was_training)
     sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
     loss = (sums[0] / sums[2]).item() if sums[2] else float("nan")
