@@ -61,10 +61,11 @@ def data64(tmp_path_factory):
 def in_process(tiny_dir):
     """``main`` seeds every RNG and creates Accelerate's process-wide state; give each test a fresh
     state and put the RNGs and environment back afterwards."""
-    saved = random.getstate(), np.random.get_state(), torch.get_rng_state(), dict(os.environ)
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state(), dict(os.environ), torch.get_num_threads()
     reset_accelerate()
     yield
     reset_accelerate()
+    torch.set_num_threads(saved[4])
     random.setstate(saved[0])
     np.random.set_state(saved[1])
     torch.set_rng_state(saved[2])
@@ -119,7 +120,12 @@ def test_accumulation_weights_every_token_equally(sft, data64, tmp_path, in_proc
     The micro-batches hold different numbers of trained tokens, so averaging per-micro-batch means
     (what ``loss / accum`` does) weights tokens unequally; the check below shows that this would
     move the gradient by far more than the tolerance, so the end-to-end comparison has teeth."""
-    from minift.train import CausalLMLoss, ShardedBatches, load_for_training, trained_tokens
+    from minift.train import (
+        CausalLMLoss,
+        ShardedBatches,
+        load_for_training,
+        trained_tokens,
+    )
 
     # The data really is uneven, and the naive average really is different.
     cfg = base_cfg(sft, data64, tmp_path / "probe")
@@ -215,8 +221,10 @@ def test_resume_after_sigkill_equals_uninterrupted_run(data64, tmp_path, tiny_di
 @pytest.mark.slow
 def test_two_processes_equal_one_with_twice_the_batch(data64, tmp_path, tiny_dir):
     """torchrun with 2 CPU processes (gloo) x batch 2 trains the same adapter as 1 process x batch 4:
-    the data is sharded, not duplicated, and the loss is normalized by the tokens of all processes."""
-    args = ["--dataset_name_or_path", data64, *TINY_RUN, "--max_steps", "6"]
+    the data is sharded, not duplicated, and the loss is normalized by the tokens of all processes.
+    The final evaluation (eval batches split over the processes, sums reduced) agrees too."""
+    args = ["--dataset_name_or_path", data64, *TINY_RUN, "--max_steps", "6", "--validation_split", "0.2",
+            "--per_device_eval_batch_size", "2"]
     two, one = tmp_path / "two", tmp_path / "one"
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -230,6 +238,8 @@ def test_two_processes_equal_one_with_twice_the_batch(data64, tmp_path, tiny_dir
     a, b = logged(two), logged(one)
     assert all(a[s] == pytest.approx(b[s], abs=1e-5) for s in range(1, 7))
     assert max_abs_diff(adapter(two), adapter(one)) <= 1e-5
+    assert logged(two, "eval_loss")[6] == pytest.approx(logged(one, "eval_loss")[6], abs=1e-5)
+    assert logged(two, "eval_token_acc")[6] == logged(one, "eval_token_acc")[6]
 
 
 # ----------------------------------------------------------------------------- 4-5. QLoRA and full fine-tune learn
