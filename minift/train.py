@@ -282,13 +282,13 @@ def prune_checkpoints(output_dir: Path, limit: int, keep: list) -> None:
     """Delete the oldest checkpoints beyond ``limit``, never one in ``keep`` (the newest and the best)."""
     if limit <= 0:
         return
-    keep = {str(k) for k in keep if k}
+    keep = {str(Path(k).resolve()) for k in keep if k}  # resolved: a resumed run may spell output_dir differently
     found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     extra = len(found) - limit
     for path in found:
         if extra <= 0:
             break
-        if str(path) not in keep:
+        if str(path.resolve()) not in keep:
             shutil.rmtree(path)
             extra -= 1
 

@@ -27,9 +27,10 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 SFT = ROOT / "recipes" / "sft.py"
 DEMO = ROOT / "recipes" / "data" / "demo_sft.jsonl"
-# Small and fast: no held-out split, no generation eval, a loss record every step.
+# Small and fast: no held-out split, no generation eval, a loss record every step; rank 16 rather than the
+# demo's 32 (half the adapter, and these tests should not move when the demo's defaults do).
 TINY_RUN = ["--max_seq_length", "64", "--per_device_train_batch_size", "2", "--validation_split", "0",
-            "--answer_eval_dataset", "none", "--logging_steps", "1"]
+            "--answer_eval_dataset", "none", "--logging_steps", "1", "--lora_r", "16", "--lora_alpha", "32"]
 
 
 # ----------------------------------------------------------------------------- helpers and fixtures
@@ -107,7 +108,7 @@ def logged(out: Path, key: str = "loss") -> dict[int, float]:
 def base_cfg(sft, data, out, **overrides):
     """An SFTConfig for a tiny in-process run (same settings as TINY_RUN)."""
     kwargs = dict(dataset_name_or_path=str(data), output_dir=str(out), max_seq_length=64, per_device_train_batch_size=2,
-                  validation_split=0.0, answer_eval_dataset=None, logging_steps=1)
+                  validation_split=0.0, answer_eval_dataset=None, logging_steps=1, lora_r=16, lora_alpha=32.0)
     return sft.SFTConfig(**{**kwargs, **overrides})
 
 
@@ -235,8 +236,10 @@ def test_two_processes_equal_one_with_twice_the_batch(data64, tmp_path, tiny_dir
     run_sft(*args, "--per_device_train_batch_size", "4", "--output_dir", one)
     # Each process sees a quarter-size epoch's worth of rows: epoch progress shows the global batch is 4.
     assert logged(two, "epoch")[1] == pytest.approx(logged(one, "epoch")[1])
-    a, b = logged(two), logged(one)
-    assert all(a[s] == pytest.approx(b[s], abs=1e-5) for s in range(1, 7))
+    for key in ("loss", "grad_norm"):
+        a, b = logged(two, key), logged(one, key)
+        assert all(a[s] == pytest.approx(b[s], abs=1e-5) for s in range(1, 7)), key
+    # 4e-6 measured: Adam turns float-rounding differences in near-zero gradients into a few larger ones.
     assert max_abs_diff(adapter(two), adapter(one)) <= 1e-5
     assert logged(two, "eval_loss")[6] == pytest.approx(logged(one, "eval_loss")[6], abs=1e-5)
     assert logged(two, "eval_token_acc")[6] == logged(one, "eval_token_acc")[6]
@@ -438,3 +441,21 @@ def test_pruning_keeps_the_newest_and_the_best(sft, data64, tmp_path, in_process
     state = json.loads((tmp_path / "checkpoint-12" / "trainer_state.json").read_text())
     assert state["best_eval_loss"] == 0.5 and state["best_checkpoint"] == str(tmp_path / "checkpoint-10")
     assert not list(tmp_path.glob(".checkpoint-*"))  # no temp dirs left behind
+
+
+# ----------------------------------------------------------------------------- 9. the demo learns
+
+
+@pytest.mark.slow
+def test_default_demo_run_learns_the_task(sft, tmp_path, in_process):
+    """``python recipes/sft.py`` as shipped (5,000 demo records, 15 epochs, LoRA r=32 on the tiny model):
+    held-out exact match on 100 unseen word lists goes from 0% to over 85% (93% measured; seeds 1 and 2
+    gave 91% and 93%) in about 85 s on 2 CPU cores."""
+    started = time.monotonic()
+    result = sft.main(sft.SFTConfig(output_dir=str(tmp_path), logging_steps=100))
+    print(f"demo: {time.monotonic() - started:.0f} s, answer accuracy {result['answer_accuracy_before']:.0%} -> "
+          f"{result['answer_accuracy']:.0%}, eval loss {result['eval_loss']:.3f}")
+    assert result["answer_accuracy_before"] <= 0.02
+    assert result["answer_accuracy"] >= 0.85
+    assert result["eval_loss"] < 0.7  # from ~13 before training
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
