@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from minift.losses import chunked_cross_entropy, token_logprobs
+from minift.losses import chunked_cross_entropy, completion_logprobs, token_logprobs
 
 N, H, V = 37, 16, 50  # N = 37 is prime: no chunk size below it divides it
 
@@ -298,3 +298,45 @@ def test_peak_memory_is_one_chunk_not_full_logits():
         assert naive > 2 * logits_mib, growth  # the measurement sees the naive graph's full logits
         assert chunked < 0.5 * naive, growth
         assert chunked < 1.5 * chunk_mib + 2 * weight_mib, growth  # two chunks alive at once would fail
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("packed", [False, True])
+def test_completion_logprobs_equal_full_log_softmax(dtype, packed):
+    # Reference: the full float32 log-softmax of the (B, T, V) logits, shifted so logits[:, t] scores
+    # labels[:, t + 1], summed over the trained (non -100) positions of each sequence. Packed rows hold
+    # several documents; segment_ids gives each token's document and the sums are per document.
+    g = torch.Generator().manual_seed(3)
+    b, t, v = 3, 11, 29
+    logits = (torch.randn(b, t, v, generator=g) * 2).to(dtype)
+    labels = torch.randint(0, v, (b, t), generator=g)
+    labels[:, :3] = -100  # a prompt
+    labels[1, 8:] = -100  # padding
+    segment_ids, n = None, b
+    if packed:
+        segment_ids = torch.tensor([[0] * 6 + [1] * 5, [2] * 11, [3] * 4 + [4] * 7])
+        labels[0, 6:8] = -100  # the second document's prompt
+        n = 5
+    upstream = torch.randn(n, generator=g)
+
+    def reference(x):
+        logps = x.float().log_softmax(-1)[:, :-1].gather(-1, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1)
+        keep = labels[:, 1:] != -100
+        seg = (torch.arange(b)[:, None].expand(b, t) if segment_ids is None else segment_ids)[:, 1:]
+        sums = torch.zeros(n).index_add(0, seg[keep], logps[keep])
+        return sums, torch.zeros(n).index_add(0, seg[keep], torch.ones(int(keep.sum())))
+
+    x_ref = logits.detach().clone().requires_grad_()
+    want, counts = reference(x_ref)
+    (want * upstream).sum().backward()
+    x = logits.detach().clone().requires_grad_()
+    sums, means = completion_logprobs(x, labels, segment_ids=segment_ids, num_segments=n, chunk_size=4)
+    (sums * upstream).sum().backward()
+    assert sums.dtype == torch.float32
+    assert counts.min() > 0  # every sequence has completion tokens, so the means are all defined
+    torch.testing.assert_close(sums, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(means, want / counts, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the no-graph path gives the same values
+        torch.testing.assert_close(completion_logprobs(logits, labels, segment_ids=segment_ids,
+                                                       num_segments=n)[0], want, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Losses as pure functions of tensors (torch only): each can be copied into another project as is.
+"""Cross-entropy and token log-probs through the LM head, chunked: pure functions of tensors (torch only).
 
 LM-head losses take the final hidden states of the positions that have a label, ``hidden (N, H)``,
 and the LM head ``weight (V, H)``, instead of logits: they walk over row chunks so that the
@@ -10,6 +10,7 @@ their matmul.
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 
 
 def _check_lm_head_inputs(hidden, weight, targets, bias, chunk_size, softcap) -> None:
@@ -211,3 +212,61 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     if _needs_graph(hidden, weight, bias):
         return _TokenLogprobs.apply(hidden, weight, bias, targets, chunk_size, softcap, scale, dtype)
     return _lm_head_pass(hidden, weight, bias, targets, chunk_size, softcap, scale, dtype)[0].neg_()
+
+
+def segment_sums(values: torch.Tensor, segment: torch.Tensor, num_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-segment float32 sums ``(S,)`` of ``values (N,)`` (differentiable) and counts ``(S,)``, for ids in [0, S)."""
+    sums = values.new_zeros(num_segments, dtype=torch.float32).index_add(0, segment, values.float())
+    counts = torch.zeros(num_segments, dtype=torch.long, device=segment.device).index_add_(
+        0, segment, torch.ones_like(segment))
+    return sums, counts
+
+
+def _chunk_target_logprob(flat: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log softmax(flat[rows])[targets]`` in float32 for one chunk of rows of the ``(B*T, V)`` logits."""
+    logits = flat.index_select(0, rows)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def completion_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, segment_ids: torch.Tensor | None = None,
+                        num_segments: int | None = None, chunk_size: int = 1024,
+                        ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed and mean completion log-probs per sequence from logits, one row chunk in float32 at a time.
+
+    logits ``(B, T, V)`` (any float dtype), labels ``(B, T)`` in the Hugging Face layout (``logits[:, t]``
+    predicts ``labels[:, t + 1]``; ``ignore_index`` on the prompt and padding) -> ``sums (S,)`` float32
+    ``sum_t log softmax(logits[:, t])[labels[:, t + 1]]`` and ``means (S,)`` = sums / completion tokens.
+    ``S = B`` (row b is sequence b), or with ``segment_ids (B, T)`` (packed rows: the document id of each
+    token, e.g. ``doc_index`` from ``collate_packed``) one entry per document, ``S = num_segments``.
+    Each chunk of trained rows is upcast, reduced and, under autograd, recomputed in backward
+    (checkpointed), so no float32 copy of the ``(B, T, V)`` logits is ever held.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"logits must be (B, T, V) and labels (B, T) with the same B, T; got "
+                         f"{tuple(logits.shape)} and {tuple(labels.shape)}")
+    if segment_ids is not None and segment_ids.shape != labels.shape:
+        raise ValueError(f"segment_ids must have the labels' shape {tuple(labels.shape)}, got {tuple(segment_ids.shape)}")
+    batch, length = labels.shape
+    targets = labels[:, 1:]
+    mask = targets != ignore_index
+    t = targets[mask]
+    # Flat row numbers of the trained positions; each chunk gathers only its own rows of the logits.
+    flat = logits.reshape(batch * length, logits.shape[-1])
+    where = (torch.arange(batch, device=labels.device)[:, None] * length
+             + torch.arange(length - 1, device=labels.device))[mask]
+    if segment_ids is None:
+        segment = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[mask]
+        num_segments = batch
+    else:
+        segment = segment_ids[:, 1:][mask]
+        num_segments = num_segments if num_segments is not None else int(segment_ids.max()) + 1
+    parts = []
+    for rows, tt in zip(where.split(chunk_size), t.split(chunk_size)):
+        if torch.is_grad_enabled() and logits.requires_grad:
+            parts.append(torch.utils.checkpoint.checkpoint(_chunk_target_logprob, flat, rows, tt, use_reentrant=False))
+        else:
+            parts.append(_chunk_target_logprob(flat, rows, tt))
+    logps = torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
+    sums, counts = segment_sums(logps, segment, num_segments)
+    return sums, sums / counts.clamp(min=1)

@@ -1,0 +1,19 @@
+"""Losses as pure functions of tensors (torch only): each module can be copied into another project as is.
+
+- ``lm_head``: cross-entropy and token log-probs through the LM head, chunked so ``(N, V)`` logits never exist;
+  summed / mean completion log-probs from logits without a float32 ``(B, T, V)`` copy
+- ``preference``: DPO and its variants (IPO, hinge, robust, EXO, NCA, BCO, SPPO, APO), SimPO, CPO, ORPO, KTO
+"""
+
+from minift.losses.lm_head import chunked_cross_entropy, completion_logprobs, token_logprobs
+from minift.losses.preference import (
+    DPO_LOSS_TYPES,
+    cpo_loss,
+    dpo_loss,
+    kto_loss,
+    orpo_loss,
+    simpo_loss,
+)
+
+__all__ = ["chunked_cross_entropy", "token_logprobs", "completion_logprobs",
+           "DPO_LOSS_TYPES", "dpo_loss", "simpo_loss", "cpo_loss", "orpo_loss", "kto_loss"]
