@@ -34,6 +34,10 @@ sft   ``python tools/bench.py sft [--part dense|ragged|vocab|trl|all] [--steps N
       >= 1.5x real tokens/s) and matched (same dtype, no checkpointing, its packing; goal >= 1.0x), and peak RSS
       growth <= trl's. Per-part defaults for steps / warm-up / processes: dense 6/2, ragged 8/2, vocab 2/1/3,
       trl 6/1/2.
+gguf  ``python tools/bench.py gguf [--reps 3] [--outtypes f16,bf16,q8_0] [--llama_cpp DIR]``
+      GGUF export of a 106M-parameter bf16 Llama, each conversion in a fresh process: wall time and peak RSS of
+      ``tools/convert_to_gguf.py`` against llama.cpp's ``convert_hf_to_gguf.py`` (goal <= 0.5x both); see
+      ``tools/bench_gguf.py``.
 """
 
 from __future__ import annotations
@@ -55,6 +59,9 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from minift.lora import LoraConfig, apply_lora
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_gguf  # noqa: E402  (a sibling file: tools/ is not a package)
 
 # ----------------------------------------------------------------------------- lora
 
@@ -760,7 +767,7 @@ def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
 
 # case name -> (function adding its options, function running it and returning whether it passed)
 CASES = {"lora": (add_lora_arguments, bench_lora), "data": (add_data_arguments, bench_data),
-         "sft": (add_sft_arguments, bench_sft)}
+         "sft": (add_sft_arguments, bench_sft), "gguf": (bench_gguf.add_arguments, bench_gguf.run)}
 
 
 def machine_line() -> str:
