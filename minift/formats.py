@@ -173,9 +173,9 @@ def normalize(record: Record, fmt: str | None = None):
     if fmt == "text":
         return Text(_string(data, "text", src), src)
     if fmt == "preference":
-        return Preference(_turn(data.get("prompt"), "user", src, "prompt"),
-                          _turn(data.get("chosen"), "assistant", src, "chosen"),
-                          _turn(data.get("rejected"), "assistant", src, "rejected"), src)
+        return _preference(_turn(data.get("prompt"), "user", src, "prompt"),
+                           _turn(data.get("chosen"), "assistant", src, "chosen"),
+                           _turn(data.get("rejected"), "assistant", src, "rejected"), src)
     if fmt == "preference_implicit":
         return _implicit_preference(data, src)
     if fmt == "unpaired":
@@ -207,7 +207,18 @@ def _implicit_preference(data: dict, src: str) -> Preference:
     for name, msgs in (("chosen", chosen), ("rejected", rejected)):
         if msgs[-1]["role"] != "assistant":
             raise RecordError(f"{src}: the last turn of {name!r} must be the assistant's")
-    return Preference(chosen[:n], chosen[n:], rejected[n:], src)
+    return _preference(chosen[:n], chosen[n:], rejected[n:], src)
+
+
+def _preference(prompt: list[dict], chosen: list[dict], rejected: list[dict], src: str) -> Preference:
+    for name, turns in (("chosen", chosen), ("rejected", rejected)):
+        if not any(str(t.get("content") or "").strip() for t in turns):
+            raise RecordError(f"{src}: the {name} answer is empty; a preference pair needs two real answers "
+                              f"(remove the record or pass skip_invalid to count and skip such records)")
+    if chosen == rejected:  # the loss's gradient is zero and the pair only dilutes the batch
+        raise RecordError(f"{src}: chosen and rejected are identical, so the pair expresses no preference; "
+                          f"remove it (or pass skip_invalid to count and skip such records)")
+    return Preference(prompt, chosen, rejected, src)
 
 
 def _chat_to_prompt(chat: Chat) -> Prompt:
@@ -224,6 +235,13 @@ def _format_for(kind: str, data: dict) -> str | None:
     if kind == "prompt" and ("prompt" in data or "messages" in data):
         return "prompt"  # any record with a prompt can seed generation; other fields ride along
     return detect_format(data)
+
+
+def _missing_hint(kind: str, data: dict) -> str:
+    """For a record that is almost of the wanted kind: which field it lacks."""
+    needed = {"preference": ("chosen", "rejected"), "unpaired": ("completion", "label")}.get(kind, ())
+    missing = [k for k in needed if k not in data]
+    return f" (it has no {' or '.join(repr(k) for k in missing)} field)" if missing and len(missing) < len(needed) else ""
 
 
 def normalize_all(records: Iterable[Record], kind: str, *, fmt: str | None = None, skip_invalid: bool = False) -> Normalized:
@@ -246,7 +264,8 @@ def normalize_all(records: Iterable[Record], kind: str, *, fmt: str | None = Non
             if kind == "prompt" and isinstance(example, Chat):
                 example = _chat_to_prompt(example)
             if not isinstance(example, allowed):
-                raise RecordError(f"{record.source}: a {record_fmt} record cannot be used for {kind} data")
+                raise RecordError(f"{record.source}: a {record_fmt} record cannot be used for {kind} data"
+                                  + _missing_hint(kind, record.data))
         except RecordError as err:
             if not skip_invalid:
                 raise

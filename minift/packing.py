@@ -121,13 +121,13 @@ def _build_rows(docs: list[tuple[Sequence[int], Sequence[int], int, int | None]]
 
 
 def _pack(docs: list[tuple[Sequence[int], Sequence[int], int, int | None]], n_examples: int, max_seq_length: int,
-          n_dropped: int, n_empty: int) -> tuple[list[PackedRow], PackingStats]:
+          n_dropped: int, n_empty: int, log_level: int = logging.INFO) -> tuple[list[PackedRow], PackingStats]:
     bins = best_fit_decreasing([len(d[0]) for d in docs], max_seq_length)
     rows = _build_rows(docs, bins)
     stats = PackingStats(n_examples=n_examples, n_docs=len(docs), n_rows=len(rows),
                          real_tokens=sum(len(d[0]) for d in docs), capacity=len(rows) * max_seq_length,
                          n_dropped=n_dropped, n_empty=n_empty)
-    logger.info("packing: %s", stats)
+    logger.log(log_level, "packing: %s", stats)
     return rows, stats
 
 
@@ -186,7 +186,8 @@ def pack_pairs(pairs: Sequence[dict], max_seq_length: int, *,
             n_dropped += 1
         else:
             docs.extend((ids, labels, i, role) for role, _, ids, labels in sides)
-    return _pack(docs, len(pairs), max_seq_length, n_dropped, n_empty)
+    # pairs are usually packed a micro-batch at a time: one line per batch would drown the log
+    return _pack(docs, len(pairs), max_seq_length, n_dropped, n_empty, logging.DEBUG)
 
 
 def collate_packed(rows: Sequence[PackedRow], pad_token_id: int) -> dict[str, torch.Tensor]:

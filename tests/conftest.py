@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import random
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 torch.set_num_threads(2)
 
@@ -62,3 +69,79 @@ def gpt2(gpt2_dir):
 def batch():
     g = torch.Generator().manual_seed(1)
     return torch.randint(3, 800, (2, 12), generator=g)
+
+
+# ----------------------------------------------------------------------------- running recipes in-process
+
+
+def load_recipe(name: str):
+    """``recipes/<name>.py`` as a module (recipes/ is not a package), registered as ``minift_recipe_<name>``."""
+    module_name = f"minift_recipe_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and get_type_hints look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def reset_accelerate() -> None:
+    """Forget Accelerate's process-wide state so the next ``main`` builds a fresh Accelerator."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+
+
+class _ProcessState:
+    """A recipe's ``main`` seeds every RNG, sets threads and creates Accelerate's process-wide state:
+    save all of it before, and put it back after."""
+
+    def __enter__(self):
+        self.saved = (random.getstate(), np.random.get_state(), torch.get_rng_state(), dict(os.environ),
+                      torch.get_num_threads())
+        reset_accelerate()
+        return self
+
+    def __exit__(self, *exc):
+        reset_accelerate()
+        python, numpy_state, torch_state, environ, threads = self.saved
+        torch.set_num_threads(threads)
+        random.setstate(python)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+@pytest.fixture
+def in_process(tiny_dir):
+    """Run a recipe's ``main`` in this process with a fresh Accelerate state; restore RNGs and env after."""
+    with _ProcessState():
+        yield
+
+
+@pytest.fixture(scope="session")
+def demo_chain(tiny_dir, tmp_path_factory, monkeypatch_session):
+    """``recipes/sft_dpo.py`` with no arguments, run once: the shipped SFT -> DPO demo (about 2.5 minutes).
+
+    Returns ``(output_dir, result, printed)``; the SFT, DPO and chain tests each check their part."""
+    import contextlib
+    import io
+    import time
+
+    out = tmp_path_factory.mktemp("demo-chain")
+    monkeypatch_session.syspath_prepend(str(RECIPES))  # sft_dpo.py imports its sibling recipes
+    chain = load_recipe("sft_dpo")
+    printed = io.StringIO()
+    started = time.monotonic()
+    with _ProcessState(), contextlib.redirect_stdout(printed):
+        result = chain.main(chain.ChainConfig(output_dir=str(out)))
+    print(f"demo chain: {time.monotonic() - started:.0f} s\n{printed.getvalue()}")
+    return out, result, printed.getvalue()
+
+
+@pytest.fixture(scope="session")
+def monkeypatch_session():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp

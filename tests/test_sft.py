@@ -9,19 +9,17 @@ checkpoint pruning, and that the default demo actually teaches the task.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import load_recipe, reset_accelerate
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,16 +36,7 @@ TINY_RUN = ["--max_seq_length", "64", "--per_device_train_batch_size", "2", "--v
 
 @pytest.fixture(scope="module")
 def sft():
-    """The recipe module, loaded from its file (recipes/ is not a package) without changing sys.path."""
-    name = "minift_recipe_sft"
-    spec = importlib.util.spec_from_file_location(name, SFT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses and get_type_hints look their module up here
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(name, None)
+    return load_recipe("sft")
 
 
 @pytest.fixture(scope="module")
@@ -56,29 +45,6 @@ def data64(tmp_path_factory):
     path = tmp_path_factory.mktemp("sft-data") / "train.jsonl"
     path.write_text("".join(DEMO.read_text().splitlines(keepends=True)[:64]))
     return path
-
-
-@pytest.fixture
-def in_process(tiny_dir):
-    """``main`` seeds every RNG and creates Accelerate's process-wide state; give each test a fresh
-    state and put the RNGs and environment back afterwards."""
-    saved = random.getstate(), np.random.get_state(), torch.get_rng_state(), dict(os.environ), torch.get_num_threads()
-    reset_accelerate()
-    yield
-    reset_accelerate()
-    torch.set_num_threads(saved[4])
-    random.setstate(saved[0])
-    np.random.set_state(saved[1])
-    torch.set_rng_state(saved[2])
-    os.environ.clear()
-    os.environ.update(saved[3])
-
-
-def reset_accelerate() -> None:
-    """Forget Accelerate's process-wide state so the next ``main`` builds a fresh Accelerator."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
 
 
 def run_sft(*args, env: dict | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -447,15 +413,13 @@ def test_pruning_keeps_the_newest_and_the_best(sft, data64, tmp_path, in_process
 
 
 @pytest.mark.slow
-def test_default_demo_run_learns_the_task(sft, tmp_path, in_process):
-    """``python recipes/sft.py`` as shipped (5,000 demo records, 15 epochs, LoRA r=32 on the tiny model):
-    held-out exact match on 100 unseen word lists goes from 0% to over 85% (93% measured; seeds 1 and 2
-    gave 91% and 93%) in about 85 s on 2 CPU cores."""
-    started = time.monotonic()
-    result = sft.main(sft.SFTConfig(output_dir=str(tmp_path), logging_steps=100))
-    print(f"demo: {time.monotonic() - started:.0f} s, answer accuracy {result['answer_accuracy_before']:.0%} -> "
-          f"{result['answer_accuracy']:.0%}, eval loss {result['eval_loss']:.3f}")
-    assert result["answer_accuracy_before"] <= 0.02
-    assert result["answer_accuracy"] >= 0.85
-    assert result["eval_loss"] < 0.7  # from ~13 before training
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+def test_default_demo_run_learns_the_task(demo_chain):
+    """The SFT stage of ``recipes/sft_dpo.py`` as shipped, which is ``recipes/sft.py`` with its defaults (5,000
+    demo records, 15 epochs, LoRA r=32 on the tiny model): held-out exact match on 100 unseen word lists goes
+    from 0% to over 85% (93% measured; seeds 1 and 2 gave 91% and 93%) in about 85 s on 2 CPU cores."""
+    out, result, _ = demo_chain
+    sft_result = result["sft"]
+    assert sft_result["answer_accuracy_before"] <= 0.02
+    assert sft_result["answer_accuracy"] >= 0.85
+    assert sft_result["eval_loss"] < 0.7  # from ~13 before training
+    assert (out / "sft" / "adapter" / "adapter_model.safetensors").is_file()

@@ -5,7 +5,11 @@
 - ``preference``: DPO and its variants (IPO, hinge, robust, EXO, NCA, BCO, SPPO, APO), SimPO, CPO, ORPO, KTO
 """
 
-from minift.losses.lm_head import chunked_cross_entropy, completion_logprobs, token_logprobs
+from minift.losses.lm_head import (
+    chunked_cross_entropy,
+    completion_logprobs,
+    token_logprobs,
+)
 from minift.losses.preference import (
     DPO_LOSS_TYPES,
     cpo_loss,

@@ -1,0 +1,297 @@
+"""recipes/dpo.py and recipes/sft_dpo.py on the tiny model: gradients, learning, resume, processes, bad data.
+
+The loss functions themselves are checked against hand-computed values and trl in
+test_preference_losses.py; here the recipe's plumbing is: per-pair log-probs from one packed forward,
+the reference (disabled adapter or precomputed), normalization over accumulation and processes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import load_recipe
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+DPO = ROOT / "recipes" / "dpo.py"
+DEMO = ROOT / "recipes" / "data" / "demo_preference.jsonl"
+# Small, fast runs; beta and rank fixed here (not the demo's defaults) so the tolerances below keep their meaning.
+TINY = dict(max_seq_length=64, per_device_train_batch_size=2, validation_split=0.0, answer_eval_dataset=None,
+            logging_steps=1, learning_rate=3e-3, beta=0.1, lora_r=16, lora_alpha=32.0)
+
+
+@pytest.fixture(scope="module")
+def dpo():
+    return load_recipe("dpo")
+
+
+@pytest.fixture(scope="module")
+def pairs48(tmp_path_factory):
+    """The first 48 demo pairs: plain strings, messages and implicit-prompt conversations."""
+    path = tmp_path_factory.mktemp("dpo-data") / "pairs.jsonl"
+    path.write_text("".join(DEMO.read_text().splitlines(keepends=True)[:48]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(tiny_dir, tmp_path_factory):
+    """A quickly trained SFT adapter (full SFT demo data, 120 steps) for DPO to start from."""
+    from conftest import _ProcessState
+
+    out = tmp_path_factory.mktemp("sft-for-dpo")
+    sft = load_recipe("sft")
+    with _ProcessState():
+        sft.main(sft.SFTConfig(output_dir=str(out), max_steps=120, validation_split=0.0, answer_eval_dataset=None,
+                               logging_steps=0, lora_r=8, lora_alpha=16.0))
+    return out / "adapter"
+
+
+def cfg_for(dpo, data, out, **overrides):
+    return dpo.DPOConfig(**{**TINY, "dataset_name_or_path": str(data), "output_dir": str(out), **overrides})
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys() and a
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def logged(out: Path, key: str = "loss") -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def naive_pair_logps(model, pair: dict) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Each answer alone through the plain model: full-vocabulary log_softmax, summed over answer tokens."""
+    out = []
+    for side in ("chosen", "rejected"):
+        ids = torch.tensor([pair[f"{side}_input_ids"]])
+        labels = torch.tensor(pair[f"{side}_labels"])
+        logps = F.log_softmax(model(input_ids=ids, use_cache=False).logits[0, :-1].double(), -1)
+        mask = labels[1:] != -100
+        out.append((logps[mask].gather(-1, labels[1:][mask, None]).sum(), int(mask.sum())))
+    return out[0][0], out[1][0], out[0][1], out[1][1]
+
+
+@pytest.mark.parametrize("loss_type,packing", [("sigmoid", True), ("ipo", False), ("sigmoid", False)])
+def test_dpo_step_gradients_equal_the_formula_by_autograd(dpo, pairs48, tmp_path, tiny_dir, loss_type, packing):
+    """The recipe's step (reference with the adapter disabled, one packed or padded forward for all answers,
+    chunked LM-head log-probs, dpo_loss, mean over pairs) gives the same adapter gradients as autograd
+    through the textbook formula: each answer run alone, full log_softmax in float64,
+    ``-log sigmoid(beta * ((pc - rc) - (pr - rr)))`` (IPO: ``((pc - rc)/nc - (pr - rr)/nr - 1/(2 beta))^2``)."""
+    from minift.encode import set_chat_template
+    from minift.lora import disable_adapters
+    from minift.pairs import Reference, collate_pairs, pair_logps, preference_loss
+    from minift.rollout import SequenceLogprobs
+    from minift.train import ADAPTER, load_for_training
+
+    cfg = cfg_for(dpo, pairs48, tmp_path, loss_type=loss_type, beta=0.5, packing=packing)
+    model, tokenizer = load_for_training(cfg)
+    set_chat_template(tokenizer, None)
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B = 0 at init would make every gradient but B's zero
+            torch.nn.init.normal_(p, std=0.05)
+    pairs = dpo.build_pairs(cfg, tokenizer)[0]["train"][:5]
+    batch = collate_pairs(pairs, tokenizer.pad_token_id, packing=packing, max_seq_length=cfg.max_seq_length)
+    if packing:
+        assert batch["input_ids"].shape[0] < 10  # the 10 answers really share rows
+    logps_model = SequenceLogprobs(model)
+    ref = Reference(logps_model, ADAPTER)(batch, "train")
+    losses, _, _ = preference_loss(cfg, pair_logps(logps_model, batch), ref)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ours = torch.autograd.grad(losses.mean(), params)
+
+    total = 0.0
+    for pair in pairs:
+        with torch.no_grad(), disable_adapters(model, [ADAPTER]):
+            rc, rr, _, _ = naive_pair_logps(model, pair)
+        pc, pr, nc, nr = naive_pair_logps(model, pair)
+        if loss_type == "sigmoid":
+            total = total - F.logsigmoid(cfg.beta * ((pc - rc) - (pr - rr)))
+        else:
+            total = total + ((pc - rc) / nc - (pr - rr) / nr - 1 / (2 * cfg.beta)) ** 2
+    expected = torch.autograd.grad(total / len(pairs), params)
+    scale = max(g.abs().max().item() for g in expected)
+    assert scale > 1e-4
+    worst = max((a.double() - b).abs().max().item() for a, b in zip(ours, expected))
+    assert worst <= 1e-5 * scale, (worst, scale)
+
+
+# ----------------------------------------------------------------------------- reference, accumulation, resume
+
+
+def test_precomputed_reference_equals_the_disabled_adapter_and_is_reused(dpo, pairs48, tmp_path, in_process,
+                                                                          sft_adapter, caplog):
+    """Starting from an SFT adapter, a run with reference log-probs precomputed (and cached) trains the same
+    adapter as one that disables the trainable adapter at every step; a second run reuses the cache."""
+    runs = {}
+    for name, pre in (("live", False), ("pre", True)):
+        cfg = cfg_for(dpo, pairs48, tmp_path / name, max_steps=5, init_adapter=str(sft_adapter),
+                      precompute_ref_log_probs=pre)
+        from conftest import reset_accelerate
+
+        reset_accelerate()
+        runs[name] = dpo.main(cfg)
+    assert (tmp_path / "pre" / "reference_logps.safetensors").is_file()
+    # The table was computed in eval-sized batches, so its rows sit in other packed layouts than the live
+    # reference's: float32 rounding differs by ~1e-6, and Adam's normalization turns near-zero gradient
+    # differences into adapter differences of ~1e-5 (1.3e-5 measured).
+    a, b = logged(tmp_path / "pre"), logged(tmp_path / "live")
+    assert all(a[s] == pytest.approx(b[s], abs=2e-6) for s in range(1, 6)), (a, b)
+    assert max_abs_diff(adapter(tmp_path / "pre"), adapter(tmp_path / "live")) <= 5e-5
+    assert a[1] == pytest.approx(0.6931, abs=1e-3)  # -log sigmoid(0): policy = reference at step 1
+    with caplog.at_level("INFO", logger="minift.pairs"):
+        from conftest import reset_accelerate
+
+        reset_accelerate()
+        dpo.main(cfg_for(dpo, pairs48, tmp_path / "pre", max_steps=5, init_adapter=str(sft_adapter),
+                         precompute_ref_log_probs=True))
+    assert "reusing reference log-probs" in caplog.text
+
+
+def test_accumulation_and_resume_give_the_uninterrupted_result(dpo, pairs48, tmp_path, in_process):
+    """Batch 4 in one micro-batch == batch 2 x 2 accumulated (the loss is a mean over the step's pairs); a run
+    stopped after checkpoint-4 and resumed (dropout on, so the RNG must be restored) ends where an
+    uninterrupted run does, with each step logged once."""
+    from conftest import reset_accelerate
+
+    def run(out, **kw):
+        reset_accelerate()
+        return dpo.main(cfg_for(dpo, pairs48, out, **{"max_steps": 8, "lora_dropout": 0.1, **kw}))
+
+    run(tmp_path / "big", per_device_train_batch_size=4, lora_dropout=0.0)
+    run(tmp_path / "accum", per_device_train_batch_size=2, gradient_accumulation_steps=2, lora_dropout=0.0)
+    # The gradient norm (before clipping) shows the normalization: a loss summed instead of averaged over
+    # the step's pairs would double it. Step 1 is exact; afterwards Adam amplifies float rounding (the two
+    # runs pack their rows differently) into ~1e-5 relative differences.
+    a, b = logged(tmp_path / "big", "grad_norm"), logged(tmp_path / "accum", "grad_norm")
+    assert a[1] == pytest.approx(b[1], rel=1e-6)
+    assert all(a[s] == pytest.approx(b[s], rel=1e-4) for s in range(1, 9)), (a, b)
+    a, b = logged(tmp_path / "big"), logged(tmp_path / "accum")
+    assert all(a[s] == pytest.approx(b[s], abs=1e-4) for s in range(1, 9)), (a, b)
+
+    whole = tmp_path / "whole"
+    run(whole, save_steps=4)
+    stopped = tmp_path / "stopped"
+    shutil.copytree(whole, stopped)
+    for leftover in ("checkpoint-8", "adapter", "run.json"):
+        shutil.rmtree(stopped / leftover) if (stopped / leftover).is_dir() else (stopped / leftover).unlink()
+    run(stopped, save_steps=4, resume_from_checkpoint="auto")
+    assert max_abs_diff(adapter(stopped), adapter(whole)) <= 1e-6
+    assert [json.loads(x)["step"] for x in (stopped / "metrics.jsonl").read_text().splitlines()] == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_with_twice_the_batch(pairs48, tmp_path, tiny_dir):
+    """torchrun with 2 CPU processes x 2 pairs trains the same adapter as 1 process x 4 pairs, with the
+    reference precomputed by both processes together and the held-out evaluation split between them."""
+    args = ["--dataset_name_or_path", pairs48, "--max_seq_length", "64", "--validation_split", "0.25",
+            "--answer_eval_dataset", "none", "--logging_steps", "1", "--max_steps", "5", "--learning_rate", "3e-3",
+            "--precompute_ref_log_probs", "true", "--per_device_eval_batch_size", "3",
+            "--beta", "0.1", "--lora_r", "16", "--lora_alpha", "32"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(DPO), *map(str, args), "--per_device_train_batch_size", "2", "--output_dir", str(two)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, str(DPO), *map(str, args), "--per_device_train_batch_size", "4",
+                           "--output_dir", str(one)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_file(str(two / "reference_logps.safetensors"))["train"].equal(
+        load_file(str(one / "reference_logps.safetensors"))["train"])
+    for key in ("loss", "rewards/margins", "grad_norm"):
+        a, b = logged(two, key), logged(one, key)
+        assert all(a[s] == pytest.approx(b[s], abs=1e-5) for s in range(1, 6)), key
+    assert max_abs_diff(adapter(two), adapter(one)) <= 1e-5
+    for key in ("eval_loss", "eval_rewards/accuracies"):
+        assert logged(two, key)[5] == pytest.approx(logged(one, key)[5], abs=1e-5)
+
+
+@pytest.mark.parametrize("loss_type,beta", [("hinge", 0.1), ("simpo", 2.0), ("orpo", 0.1)])
+def test_other_loss_types_train(dpo, pairs48, tmp_path, in_process, loss_type, beta):
+    """Reference-based and reference-free losses run through the same loop and widen the reward margin
+    between chosen and rejected answers (hinge vs the reference; SimPO / ORPO from the policy alone)."""
+    data = tmp_path / "pairs.jsonl"  # 8 pairs in one batch: every step sees the same pairs
+    data.write_text("".join(pairs48.read_text().splitlines(keepends=True)[:8]))
+    dpo.main(cfg_for(dpo, data, tmp_path, loss_type=loss_type, beta=beta, max_steps=8, per_device_train_batch_size=8,
+                     lr_scheduler_type="constant"))
+    margins, losses = logged(tmp_path, "rewards/margins"), logged(tmp_path)
+    assert margins[8] > margins[1] + 0.1 * beta and losses[8] < losses[1], (margins, losses)
+    assert all(torch.isfinite(torch.tensor(list(logged(tmp_path).values()))))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_pairs_raise_or_are_counted(dpo, tmp_path, tiny_dir):
+    """Identical answers, a missing side and an empty answer each stop the run naming the file and line,
+    or with skip_invalid are skipped and counted."""
+    from minift.models import load_model_and_tokenizer
+
+    _, tokenizer = load_model_and_tokenizer(str(tiny_dir))
+    good = {"prompt": "Reverse the words: a b", "chosen": "b a", "rejected": "a b"}
+    cases = {
+        "identical": ({**good, "rejected": "b a"}, r"bad\.jsonl:2: chosen and rejected are identical"),
+        "missing": ({"prompt": "p", "chosen": "x"},
+                    r"bad\.jsonl:2: .*cannot be used for preference data \(it has no 'rejected' field\)"),
+        "empty": ({**good, "chosen": " "}, r"bad\.jsonl:2: the chosen answer is empty"),
+    }
+    for name, (record, message) in cases.items():
+        path = tmp_path / "bad.jsonl"
+        path.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+        with pytest.raises(ValueError, match=message):
+            dpo.build_pairs(cfg_for(dpo, path, tmp_path), tokenizer)
+        pairs, report = dpo.build_pairs(cfg_for(dpo, path, tmp_path, skip_invalid=True), tokenizer)
+        assert len(pairs["train"]) == 1 and report["train"]["skipped_invalid"] == 1, name
+
+
+# ----------------------------------------------------------------------------- the demo chain
+
+
+@pytest.mark.slow
+def test_demo_chain_learns_and_combines(demo_chain, tiny_dir):
+    """``recipes/sft_dpo.py`` with no arguments: DPO from the SFT adapter ranks >= 90% of held-out pairs
+    correctly by implicit reward, moves probability off the rejected answers without losing the chosen
+    ones or greedy exact match, the printed table has a row per model, and ``final/`` (rank r_sft + r_dpo)
+    gives the logits of SFT then DPO adapters."""
+    from minift.adapters import load_adapter
+    from minift.models import load_model_and_tokenizer
+
+    out, result, printed = demo_chain
+    d = result["dpo"]
+    assert d["eval_rewards/accuracies"] >= 0.9, d
+    # rewards = beta * (policy - reference) log-probs: rejected answers lose > 2 nats on average (beta 0.5),
+    # chosen ones < 0.5 nats.
+    assert d["eval_rewards/rejected"] < -1.0 and d["eval_rewards/chosen"] > -0.25, d
+    assert d["answer_accuracy"] >= d["answer_accuracy_before"] >= 0.85, d
+    assert d["greedy_matches_rejected"] <= d["greedy_matches_rejected_before"], d
+    assert d["preference_accuracy"] >= d["preference_accuracy_before"] > d["preference_accuracy_base"], d
+    for row in ("base", "after SFT", "after DPO"):
+        assert row in printed
+    config = json.loads((out / "final" / "adapter_config.json").read_text())
+    sft_r = json.loads((out / "sft" / "adapter" / "adapter_config.json").read_text())["r"]
+    dpo_r = json.loads((out / "dpo" / "adapter" / "adapter_config.json").read_text())["r"]
+    assert config["r"] == sft_r + dpo_r
+    ids = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    chained, _ = load_model_and_tokenizer(str(tiny_dir))
+    load_adapter(chained, out / "sft" / "adapter", adapter_name="sft")
+    load_adapter(chained, out / "dpo" / "adapter", adapter_name="dpo")
+    combined, _ = load_model_and_tokenizer(str(tiny_dir))
+    load_adapter(combined, out / "final")
+    with torch.no_grad():
+        a, b = chained(ids).logits, combined(ids).logits
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
