@@ -56,6 +56,21 @@ def make_accelerator(cfg: TrainConfig):
     return accelerator
 
 
+def end_stage(accelerator) -> None:
+    """The end of a recipe's ``main``: wait for every process and finish the trackers. Unlike
+    ``accelerator.end_training()`` this keeps the process group, which a chained next stage
+    (``recipes/sft_dpo.py``) still uses; :func:`close_processes` ends it when the script exits."""
+    accelerator.wait_for_everyone()
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
+def close_processes() -> None:
+    """Destroy the process group, if this process has one (the last line of a recipe script)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def lora_config_from(cfg: TrainConfig) -> LoraConfig:
     targets = cfg.target_modules
     if targets == ["all-linear"]:

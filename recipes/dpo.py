@@ -50,6 +50,8 @@ from minift.train import (
     MetricsLog,
     ShardedBatches,
     Throughput,
+    close_processes,
+    end_stage,
     find_checkpoint,
     load_checkpoint,
     load_for_training,
@@ -71,8 +73,8 @@ logger = logging.getLogger("minift.dpo")
 @dataclass
 class DPOConfig(TrainConfig):
     output_dir: str = "out/dpo"
-    # The demo's defaults (from the SFT demo's adapter): held-out implicit-reward accuracy 87.5-92.5% over
-    # three validation splits; beta 0.1 or rank 16 stay near 80-85%.
+    # The demo's defaults (from the SFT demo's adapter): held-out implicit-reward accuracy 90% on the
+    # default split, 90% and 82.5% with seeds 1 and 2; beta 0.1 or rank 16 stay near 80-85%.
     learning_rate: float = 1e-3
     num_train_epochs: float = 4.0
     lora_r: int = 32  # alpha stays 32: scale 1.0 (alpha 64 gives 87.5% on the default split)
@@ -296,8 +298,7 @@ def main(cfg: DPOConfig) -> dict:
         write_run_json(cfg, cfg.output_dir, stage="dpo", adapter=str(adapter), parents=chain, merged=merged,
                        hub_url=hub_url, loss_plot=plot, metrics=result, data=data_report,
                        best_checkpoint=state["best_checkpoint"], seconds=round(time.time() - started, 2))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_stage(accelerator)
     return result
 
 
@@ -306,3 +307,5 @@ if __name__ == "__main__":
         main(parse_config(DPOConfig, description=__doc__.split("\n\n")[0]))
     except (ConfigError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
+    finally:
+        close_processes()

@@ -34,6 +34,8 @@ from minift.train import (
     MetricsLog,
     ShardedBatches,
     Throughput,
+    close_processes,
+    end_stage,
     evaluate,
     find_checkpoint,
     load_checkpoint,
@@ -243,8 +245,7 @@ def main(cfg: SFTConfig) -> dict:
         write_run_json(cfg, cfg.output_dir, stage="sft", adapter=str(adapter), parents=chain, merged=merged,
                        hub_url=hub_url, loss_plot=plot, metrics=result, data=data_report,
                        best_checkpoint=state["best_checkpoint"], seconds=round(time.time() - started, 2))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_stage(accelerator)
     return result
 
 
@@ -253,3 +254,5 @@ if __name__ == "__main__":
         main(parse_config(SFTConfig, description=__doc__.split("\n\n")[0]))
     except (ConfigError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
+    finally:
+        close_processes()

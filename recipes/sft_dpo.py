@@ -23,6 +23,7 @@ from sft import main as sft
 
 from minift.adapters import combine_adapters, merge_and_save
 from minift.config import ConfigError, config_from_dict, parse_config, read_yaml
+from minift.train import close_processes
 
 
 @dataclass
@@ -86,3 +87,5 @@ if __name__ == "__main__":
         main(parse_config(ChainConfig, description=__doc__.split("\n\n")[0]))
     except (ConfigError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
+    finally:
+        close_processes()

@@ -416,10 +416,10 @@ def test_pruning_keeps_the_newest_and_the_best(sft, data64, tmp_path, in_process
 def test_default_demo_run_learns_the_task(demo_chain):
     """The SFT stage of ``recipes/sft_dpo.py`` as shipped, which is ``recipes/sft.py`` with its defaults (5,000
     demo records, 15 epochs, LoRA r=32 on the tiny model): held-out exact match on 100 unseen word lists goes
-    from 0% to over 85% (93% measured; seeds 1 and 2 gave 91% and 93%) in about 85 s on 2 CPU cores."""
+    from 0% to at least 90% (93% measured; seeds 1 and 2 gave 91% and 93%) in about 93 s on 2 CPU cores."""
     out, result, _ = demo_chain
     sft_result = result["sft"]
     assert sft_result["answer_accuracy_before"] <= 0.02
-    assert sft_result["answer_accuracy"] >= 0.85
+    assert sft_result["answer_accuracy"] >= 0.9
     assert sft_result["eval_loss"] < 0.7  # from ~13 before training
     assert (out / "sft" / "adapter" / "adapter_model.safetensors").is_file()
