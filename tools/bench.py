@@ -34,6 +34,10 @@ sft   ``python tools/bench.py sft [--part dense|ragged|vocab|trl|all] [--steps N
       >= 1.5x real tokens/s) and matched (same dtype, no checkpointing, its packing; goal >= 1.0x), and peak RSS
       growth <= trl's. Per-part defaults for steps / warm-up / processes: dense 6/2, ragged 8/2, vocab 2/1/3,
       trl 6/1/2.
+dpo   ``python tools/bench.py dpo [--steps 6] [--warmup 1] [--reps 2] [--threads 2]``
+      DPO steps of model A (4 pairs, prompt 128, answers 64-256 tokens), each side in fresh processes: minift
+      packed / padded / precomputed reference, an SFT step on the same sequences (goal: DPO peak memory <= 1.15x)
+      and trl's DPOTrainer + peft (goals: step time <= 0.9x, peak memory <= trl's); see ``tools/bench_dpo.py``.
 gguf  ``python tools/bench.py gguf [--reps 3] [--outtypes f16,bf16,q8_0] [--llama_cpp DIR]``
       GGUF export of a 106M-parameter bf16 Llama, each conversion in a fresh process: wall time and peak RSS of
       ``tools/convert_to_gguf.py`` against llama.cpp's ``convert_hf_to_gguf.py`` (goal <= 0.5x both); see
@@ -61,7 +65,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from minift.lora import LoraConfig, apply_lora
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_gguf  # noqa: E402  (a sibling file: tools/ is not a package)
+import bench_dpo  # noqa: E402  (sibling files: tools/ is not a package)
+import bench_gguf  # noqa: E402
 
 # ----------------------------------------------------------------------------- lora
 
@@ -487,12 +492,12 @@ def reset_peak_rss() -> float:
     return rss_mib("VmRSS")
 
 
-def run_worker(role: str, args: argparse.Namespace) -> dict:
-    """Run this file as ``sft --_worker role`` in a fresh process; return the JSON line it prints."""
+def run_worker(role: str, args: argparse.Namespace, case: str = "sft") -> dict:
+    """Run this file as ``CASE --_worker role`` in a fresh process; return the JSON line it prints."""
     import json
     import subprocess
 
-    cmd = [sys.executable, os.path.abspath(__file__), "sft", "--_worker", role, "--steps", str(args.steps),
+    cmd = [sys.executable, os.path.abspath(__file__), case, "--_worker", role, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--threads", str(args.threads)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_DATASETS_OFFLINE": "1", "DISABLE_MLFLOW_INTEGRATION": "TRUE", "WANDB_DISABLED": "true"}
@@ -767,7 +772,8 @@ def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
 
 # case name -> (function adding its options, function running it and returning whether it passed)
 CASES = {"lora": (add_lora_arguments, bench_lora), "data": (add_data_arguments, bench_data),
-         "sft": (add_sft_arguments, bench_sft), "gguf": (bench_gguf.add_arguments, bench_gguf.run)}
+         "sft": (add_sft_arguments, bench_sft), "dpo": (bench_dpo.add_arguments, bench_dpo.run),
+         "gguf": (bench_gguf.add_arguments, bench_gguf.run)}
 
 
 def machine_line() -> str:
