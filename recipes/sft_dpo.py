@@ -11,6 +11,7 @@ Writes ``output_dir/sft`` and ``output_dir/dpo`` (each stage's adapter, metrics 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,12 +49,17 @@ def stage_config(cls, path: str | None, **fixed):
 
 def main(cfg: ChainConfig) -> dict:
     out = Path(cfg.output_dir)
+    # Both stage configs are read and checked before anything trains.
     sft_cfg = stage_config(SFTConfig, cfg.sft_config, model_name_or_path=cfg.model_name_or_path,
                            output_dir=str(out / "sft"))
-    sft_result = sft(sft_cfg)
     dpo_cfg = stage_config(DPOConfig, cfg.dpo_config, model_name_or_path=cfg.model_name_or_path,
-                           output_dir=str(out / "dpo"), init_adapter=str(out / "sft" / "adapter"))
-    dpo_result = dpo(dpo_cfg)
+                           output_dir=str(out / "dpo"), init_adapter=None)
+    if sft_cfg.mixed_precision != dpo_cfg.mixed_precision:
+        raise ConfigError(f"mixed_precision is {sft_cfg.mixed_precision} for SFT but {dpo_cfg.mixed_precision} for "
+                          f"DPO: both stages run in this one process, where Accelerate fixes it; use the same value")
+    sft_result = sft(sft_cfg)
+    # DPO starts from the SFT adapter (its reference model is base + SFT adapter).
+    dpo_result = dpo(dataclasses.replace(dpo_cfg, init_adapter=str(out / "sft" / "adapter")))
 
     state = PartialState()
     if state.is_main_process:

@@ -42,13 +42,13 @@ def pairs48(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sft_adapter(tiny_dir, tmp_path_factory):
-    """A quickly trained SFT adapter (full SFT demo data, 120 steps) for DPO to start from."""
+    """A briefly trained SFT adapter (30 steps on the demo data) for DPO to start from: any non-zero adapter will do."""
     from conftest import _ProcessState
 
     out = tmp_path_factory.mktemp("sft-for-dpo")
     sft = load_recipe("sft")
     with _ProcessState():
-        sft.main(sft.SFTConfig(output_dir=str(out), max_steps=120, validation_split=0.0, answer_eval_dataset=None,
+        sft.main(sft.SFTConfig(output_dir=str(out), max_steps=30, validation_split=0.0, answer_eval_dataset=None,
                                logging_steps=0, lora_r=8, lora_alpha=16.0))
     return out / "adapter"
 
@@ -299,15 +299,18 @@ def test_demo_chain_learns_and_combines(demo_chain, tiny_dir):
 
 
 @pytest.mark.slow
-def test_chain_with_two_processes_equals_one(tmp_path, tiny_dir):
+def test_chain_with_two_processes_equals_one(tmp_path, tiny_dir, pairs48):
     """``recipes/sft_dpo.py`` under torchrun with 2 processes: both stages run in the same process group
     (the SFT stage must not tear it down) and the final adapter equals a 1-process chain with twice the batch."""
-    common = "max_steps: 4\nlogging_steps: 1\nmax_seq_length: 64\nanswer_eval_dataset: none\n"
+    common = "max_steps: 4\nlogging_steps: 1\nmax_seq_length: 64\nanswer_eval_dataset: none\nvalidation_split: 0.0\n"
+    sft_data = tmp_path / "sft.jsonl"
+    sft_data.write_text("".join((ROOT / "recipes" / "data" / "demo_sft.jsonl").read_text().splitlines(True)[:64]))
     outs = {}
     for procs in (2, 1):
-        (tmp_path / f"sft{procs}.yaml").write_text(common + f"validation_split: 0.02\nper_device_train_batch_size: "
-                                                   f"{8 // procs}\nper_device_eval_batch_size: 8\n")
-        (tmp_path / f"dpo{procs}.yaml").write_text(common + f"per_device_train_batch_size: {4 // procs}\n")
+        (tmp_path / f"sft{procs}.yaml").write_text(common + f"dataset_name_or_path: {sft_data}\n"
+                                                   f"per_device_train_batch_size: {8 // procs}\n")
+        (tmp_path / f"dpo{procs}.yaml").write_text(common + f"dataset_name_or_path: {pairs48}\n"
+                                                   f"per_device_train_batch_size: {4 // procs}\n")
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] \
             if procs == 2 else [sys.executable]
         outs[procs] = tmp_path / f"chain{procs}"
@@ -330,3 +333,16 @@ def test_chain_with_two_processes_equals_one(tmp_path, tiny_dir):
         assert a.keys() == b.keys()
         distance = sum(((a[k] - b[k]) ** 2).sum() for k in a).sqrt() / sum((a[k] ** 2).sum() for k in a).sqrt()
         assert distance <= 1e-3, (part, distance)
+
+
+def test_chain_checks_both_stage_configs_before_training(tmp_path):
+    """A bad DPO stage file fails before the SFT stage spends any time: an option the chain sets itself, and a
+    mixed precision that differs from SFT's (Accelerate fixes it once per process)."""
+    for text, message in (("init_adapter: x\n", "init_adapter is set by sft_dpo.py itself"),
+                          ("mixed_precision: bf16\n", "mixed_precision is None for SFT but bf16 for DPO")):
+        (tmp_path / "dpo.yaml").write_text(text)
+        proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "sft_dpo.py"), "--output_dir",
+                               str(tmp_path / "out"), "--dpo_config", str(tmp_path / "dpo.yaml")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
+        assert not (tmp_path / "out" / "sft").exists()  # nothing trained
