@@ -186,6 +186,20 @@ def config_to_dict(config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def check_paths(cfg, maybe_hub: tuple[str, ...], files: tuple[str, ...] = ()) -> None:
+    """Fail before anything loads on a path that does not exist. ``files`` are always local; ``maybe_hub``
+    values count as paths only when they look like one (``./x``, ``/x``, ``~/x`` or a data file name such as
+    ``train.jsonl``), else they are hub names. The value ``auto`` is skipped."""
+    from minift.data import FILE_SUFFIXES
+
+    for name in maybe_hub + files:
+        value = getattr(cfg, name)
+        looks_local = value and (name in files or value.startswith((".", "/", "~"))
+                                 or Path(value).suffix in FILE_SUFFIXES)
+        if looks_local and value != "auto" and not Path(value).expanduser().exists():
+            raise FileNotFoundError(f"{name}: {value} does not exist")
+
+
 def _help(text: str) -> dict:
     return {"help": text}
 

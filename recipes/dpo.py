@@ -26,8 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from minift.adapters import merge_and_save
-from minift.config import ConfigError, TrainConfig, parse_config
-from minift.data import FILE_SUFFIXES, load_records, split_records
+from minift.config import ConfigError, TrainConfig, check_paths, parse_config
+from minift.data import load_records, split_records
 from minift.encode import encode_preferences, encode_prompts, set_chat_template
 from minift.formats import normalize_all
 from minift.lora import disable_adapters
@@ -110,12 +110,8 @@ class DPOConfig(TrainConfig):
             raise ValueError(f"truncation must be truncate or drop, got {self.truncation!r}")
         if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5 or self.rpo_alpha < 0:
             raise ValueError("beta must be > 0, label_smoothing in [0, 0.5) and rpo_alpha >= 0")
-        for name in ("dataset_name_or_path", "eval_dataset", "answer_eval_dataset", "chat_template", "init_adapter"):
-            value = getattr(self, name)
-            looks_local = value and (value.startswith((".", "/", "~")) or Path(value).suffix in FILE_SUFFIXES
-                                     or name in ("chat_template", "init_adapter"))
-            if looks_local and value != "auto" and not Path(value).expanduser().exists():
-                raise FileNotFoundError(f"{name}: {value} does not exist")
+        check_paths(self, ("dataset_name_or_path", "eval_dataset", "answer_eval_dataset"),
+                    ("chat_template", "init_adapter"))
         if self.answer_eval_dataset == "auto":
             demo = Path(self.dataset_name_or_path).resolve() == (DATA / "demo_preference.jsonl")
             self.answer_eval_dataset = str(DATA / "demo_eval.jsonl") if demo else None

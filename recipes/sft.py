@@ -23,8 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from minift.adapters import merge_and_save
-from minift.config import ConfigError, TrainConfig, parse_config
-from minift.data import FILE_SUFFIXES, load_records, split_records
+from minift.config import ConfigError, TrainConfig, check_paths, parse_config
+from minift.data import load_records, split_records
 from minift.encode import encode_prompts, encode_sft, set_chat_template
 from minift.formats import normalize_all
 from minift.packing import collate_packed, collate_padded, pack_examples
@@ -84,13 +84,7 @@ class SFTConfig(TrainConfig):
             raise ValueError(f"train_on must be completion or all, got {self.train_on!r}")
         if self.truncation not in ("truncate", "drop"):
             raise ValueError(f"truncation must be truncate or drop, got {self.truncation!r}")
-        for name in ("dataset_name_or_path", "eval_dataset", "answer_eval_dataset", "chat_template"):
-            value = getattr(self, name)
-            # a path-like value (or a file name such as data/train.jsonl) must exist; anything else is a hub name
-            looks_local = value and (value.startswith((".", "/", "~")) or Path(value).suffix in FILE_SUFFIXES
-                                     or name == "chat_template")
-            if looks_local and value != "auto" and not Path(value).expanduser().exists():
-                raise FileNotFoundError(f"{name}: {value} does not exist")
+        check_paths(self, ("dataset_name_or_path", "eval_dataset", "answer_eval_dataset"), ("chat_template",))
         if self.answer_eval_dataset == "auto":
             demo = Path(self.dataset_name_or_path).resolve() == (DATA / "demo_sft.jsonl")
             self.answer_eval_dataset = str(DATA / "demo_eval.jsonl") if demo else None
