@@ -6,6 +6,10 @@ causal mask from the restarts (sdpa and eager attention), so a document attends 
 That holds only when no KV cache is passed: every forward on packed rows must pass ``use_cache=False``
 (a default forward creates a cache and documents silently attend to each other).
 
+Training uses :func:`collate_flat`: a micro-batch's rows joined into one row with no padding at all,
+its document boundaries passed to the model (``cu_seq_lens_q``), so that attention runs document by
+document without a mask (minift/attention.py). :func:`collate_packed` keeps the rows apart.
+
 The label at each document's first token is -100: HF models shift labels internally (``logits[t]``
 predicts ``labels[t + 1]``), so otherwise the previous document's last token would be trained to
 predict the next document's first token.
@@ -235,6 +239,27 @@ def collate_packed(rows: Sequence[PackedRow], pad_token_id: int) -> dict[str, to
     if all(has_role):
         out["doc_role"] = torch.tensor(doc_role, dtype=torch.long)
     return out
+
+
+def collate_flat(rows: Sequence[PackedRow]) -> dict[str, torch.Tensor]:
+    """Concatenate packed rows into one row with no padding: ``(1, T)`` tensors, T = their real tokens.
+
+    The padding-free layout for training: ``input_ids``, ``labels``, ``position_ids``, ``doc_index``
+    ``(1, T)`` and ``doc_example_index`` (``doc_role`` for pairs) as in :func:`collate_packed`, plus the
+    document boundaries ``cu_seq_lens_q`` = ``cu_seq_lens_k`` ``(n_docs + 1,)`` int32 (cumulative lengths
+    from 0). Pass those two to the model's forward (as :class:`minift.train.CausalLMLoss` does): minift's
+    ``minift_sdpa`` attention and transformers' ``flash_attention_2`` then attend within each document
+    without a mask; ``sdpa`` / ``eager`` stay correct through the restarting ``position_ids`` alone.
+    """
+    batch = collate_packed(rows, pad_token_id=0)
+    real = batch["doc_index"] >= 0
+    for key in ("input_ids", "labels", "position_ids", "doc_index"):
+        batch[key] = batch[key][real][None]
+    lengths = torch.tensor([n for row in rows for n in row["doc_lengths"]], dtype=torch.int32)
+    bounds = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    bounds[1:] = lengths.cumsum(0)
+    batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = bounds
+    return batch
 
 
 def collate_padded(examples: Sequence[dict], pad_token_id: int, *,

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from minift.lora import disable_adapters
 from minift.losses import cpo_loss, dpo_loss, orpo_loss, simpo_loss
-from minift.packing import CHOSEN, collate_packed, collate_padded, pack_pairs
+from minift.packing import CHOSEN, collate_flat, collate_padded, pack_pairs
 from minift.rollout import generate
 from minift.train import IGNORE_INDEX
 
@@ -40,7 +40,7 @@ def collate_pairs(pairs: list[dict], pad_token_id: int, *, packing: bool, max_se
     """
     if packing:
         rows, _ = pack_pairs(pairs, max_seq_length)
-        batch = collate_packed(rows, pad_token_id)
+        batch = collate_flat(rows)
     else:
         docs = [{"input_ids": p[f"{side}_input_ids"], "labels": p[f"{side}_labels"]}
                 for side in ("chosen", "rejected") for p in pairs]

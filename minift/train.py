@@ -1,29 +1,29 @@
 """The pieces every recipe's loop uses; the loop itself is written out in each recipe.
 
 Accelerator set-up, the model with its adapters, optimizer and schedule, deterministic sharded
-batches, a loss wrapper that DDP can see, evaluation, atomic checkpoints with exact resume, and
-metrics logging. Everything here works the same with one process or many (``accelerate launch``).
+batches, a loss wrapper that DDP can see, evaluation, and metrics logging (checkpoints: minift/checkpoints.py).
+Everything here works the same with one process or many (``accelerate launch``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-import random
 import re
-import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from minift.adapters import atomic_directory, load_adapter, save_adapter
+from minift.adapters import load_adapter
+from minift.attention import flat_forward, use_document_attention
+from minift.checkpoints import ADAPTER
 from minift.config import ConfigError, TrainConfig, config_to_dict
 from minift.lora import LoraConfig, ModulesToSave, apply_lora, merge_lora, unwrap_lora
 from minift.losses import chunked_cross_entropy
@@ -31,7 +31,6 @@ from minift.models import load_model_and_tokenizer
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
-ADAPTER = "default"  # the trainable adapter; an init_adapter is loaded frozen as "init"
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -53,7 +52,16 @@ def make_accelerator(cfg: TrainConfig):
         project_dir=cfg.output_dir,
     )
     set_seed(cfg.seed)
+    bf16 = accelerator.mixed_precision == "bf16" or cfg.dtype == "bfloat16"
+    if bf16 and accelerator.device.type == "cpu" and not cpu_has_native_bf16():
+        logger.warning("bf16 on a CPU without native bf16 matrix units (AVX-512 / AMX): PyTorch falls back to a "
+                       "kernel ~100x slower than fp32 here; train with --mixed_precision no --dtype float32")
     return accelerator
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether PyTorch has a fast bf16 matrix multiply on this CPU (oneDNN: AVX-512 or AMX; ARM bf16)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def end_stage(accelerator) -> None:
@@ -88,6 +96,7 @@ def load_for_training(cfg: TrainConfig):
     quantization = "4bit" if cfg.use_4bit else "8bit" if cfg.use_8bit else None
     model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, dtype=cfg.dtype, quantization=quantization,
                                                 gradient_checkpointing=cfg.gradient_checkpointing)
+    use_document_attention(model)  # sdpa -> minift_sdpa: packed documents attend without a mask
     if cfg.init_adapter:
         load_adapter(model, cfg.init_adapter, adapter_name="init", trainable=False)
     if cfg.lora_r > 0:
@@ -179,8 +188,15 @@ class CausalLMLoss(nn.Module):
         self.model, self.chunk_size = model, chunk_size
 
     def _hidden_and_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                    position_ids=batch.get("position_ids"), use_cache=False)
+        documents = {}
+        if "cu_seq_lens_q" in batch:  # a flat packed batch (collate_flat): attention within each document
+            bounds = batch["cu_seq_lens_q"]
+            longest = int((bounds[1:] - bounds[:-1]).max())
+            documents = {"cu_seq_lens_q": bounds, "cu_seq_lens_k": batch["cu_seq_lens_k"], "max_length_q": longest,
+                         "max_length_k": longest}
+        with flat_forward() if documents else contextlib.nullcontext():
+            out = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                        position_ids=batch.get("position_ids"), use_cache=False, **documents)
         targets = batch["labels"][:, 1:]
         mask = targets != IGNORE_INDEX
         return out.last_hidden_state[:, :-1][mask], targets[mask]
@@ -242,104 +258,6 @@ def evaluate(accelerator, loss_model: CausalLMLoss, batches: list[dict]) -> dict
     sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
     loss = (sums[0] / sums[2]).item() if sums[2] else float("nan")
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_token_acc": (sums[1] / sums[2]).item()}
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(state["torch"])
-    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(accelerator, cfg: TrainConfig, model: nn.Module, optimizer, scheduler, state: dict) -> Path:
-    """Write ``output_dir/checkpoint-<step>`` atomically: weights, optimizer, scheduler, RNG of every process,
-    and the trainer state (step, metrics, best checkpoint). Returns its path."""
-    from accelerate.utils import gather_object
-
-    rng_states = gather_object([_rng_state()])
-    path = Path(cfg.output_dir) / f"checkpoint-{state['step']}"
-    if accelerator.is_main_process:
-        with atomic_directory(path) as tmp:
-            save_weights(model, tmp, cfg)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(rng_states, tmp / "rng.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps({**state, "checkpoint": str(path)}, indent=2))
-        prune_checkpoints(Path(cfg.output_dir), cfg.save_total_limit, keep=[path, state.get("best_checkpoint")])
-    accelerator.wait_for_everyone()
-    return path
-
-
-def save_weights(model: nn.Module, out_dir: Path, cfg: TrainConfig) -> None:
-    """The trainable adapter (PEFT format) in ``out_dir/adapter``, or the full model in ``out_dir/model``."""
-    if cfg.lora_r > 0:
-        save_adapter(model, out_dir / "adapter", adapter_name=ADAPTER, base_model_name_or_path=cfg.model_name_or_path,
-                     parents=[cfg.init_adapter] if cfg.init_adapter else [])
-    else:
-        model.save_pretrained(out_dir / "model")
-
-
-def prune_checkpoints(output_dir: Path, limit: int, keep: list) -> None:
-    """Delete the oldest checkpoints beyond ``limit``, never one in ``keep`` (the newest and the best)."""
-    if limit <= 0:
-        return
-    keep = {str(Path(k).resolve()) for k in keep if k}  # resolved: a resumed run may spell output_dir differently
-    found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    extra = len(found) - limit
-    for path in found:
-        if extra <= 0:
-            break
-        if str(path.resolve()) not in keep:
-            shutil.rmtree(path)
-            extra -= 1
-
-
-def find_checkpoint(output_dir: str, spec: str) -> Path | None:
-    """``auto``: the newest ``checkpoint-N`` in output_dir (None if there is none); else the given path."""
-    if spec != "auto":
-        path = Path(spec)
-        if not (path / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"{path} is not a checkpoint (no trainer_state.json)")
-        return path
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
-
-
-def load_checkpoint(path: Path, accelerator, cfg: TrainConfig, model: nn.Module, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and this process's RNG; return the trainer state."""
-    if cfg.lora_r > 0:
-        load_adapter(model, path / "adapter", adapter_name=ADAPTER, trainable=True)
-    else:
-        from safetensors.torch import load_file
-
-        state = {}
-        for file in sorted((path / "model").glob("*.safetensors")):
-            state.update(load_file(str(file)))
-        result = model.load_state_dict(state, strict=False)
-        loaded = {p.data_ptr() for n, p in model.named_parameters() if n in state}
-        missing = [k for k in result.missing_keys if model.get_parameter(k).data_ptr() not in loaded]  # tied: fine
-        if result.unexpected_keys or missing:
-            raise ValueError(f"{path / 'model'} does not match the model: missing {missing[:3]}, "
-                             f"unexpected {result.unexpected_keys[:3]}")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    _set_rng_state(rng[accelerator.process_index])
-    return json.loads((path / "trainer_state.json").read_text())
 
 
 # ----------------------------------------------------------------------------- logging and results

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_recipe, reset_accelerate
+from conftest import assert_same_adapter, load_recipe, reset_accelerate
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,8 +205,7 @@ def test_two_processes_equal_one_with_twice_the_batch(data64, tmp_path, tiny_dir
     for key in ("loss", "grad_norm"):
         a, b = logged(two, key), logged(one, key)
         assert all(a[s] == pytest.approx(b[s], abs=1e-5) for s in range(1, 7)), key
-    # 4e-6 measured: Adam turns float-rounding differences in near-zero gradients into a few larger ones.
-    assert max_abs_diff(adapter(two), adapter(one)) <= 1e-5
+    assert_same_adapter(two / "adapter", one / "adapter", atol=1e-5)
     assert logged(two, "eval_loss")[6] == pytest.approx(logged(one, "eval_loss")[6], abs=1e-5)
     assert logged(two, "eval_token_acc")[6] == logged(one, "eval_token_acc")[6]
 
@@ -321,6 +320,19 @@ def test_bad_configs_raise_clear_errors(sft, tmp_path, monkeypatch):
         assert str(err.value) == expected, name
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_bf16_units_warns(sft, tmp_path, in_process, monkeypatch, caplog, native):
+    """PyTorch's bf16 matmul fallback is ~100x slower than fp32 on CPUs without AVX-512 / AMX: say so."""
+    import minift.train as train
+
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native)
+    reset_accelerate()
+    with caplog.at_level("WARNING", logger="minift.train"):
+        accelerator = train.make_accelerator(base_cfg(sft, DEMO, tmp_path, mixed_precision="bf16"))
+    assert accelerator.mixed_precision == "bf16"
+    assert ("without native bf16 matrix units" in caplog.text) == (not native)
+
+
 def test_config_errors_exit_cleanly_before_loading_a_model(data64, tmp_path, tiny_dir):
     """As a user sees them: exit status 1, the message as the last line, no traceback, and no model built
     or loaded (the tiny model would be built into the empty MINIFT_CACHE given to these runs). An
@@ -415,11 +427,12 @@ def test_pruning_keeps_the_newest_and_the_best(sft, data64, tmp_path, in_process
 @pytest.mark.slow
 def test_default_demo_run_learns_the_task(demo_chain):
     """The SFT stage of ``recipes/sft_dpo.py`` as shipped, which is ``recipes/sft.py`` with its defaults (5,000
-    demo records, 15 epochs, LoRA r=32 on the tiny model): held-out exact match on 100 unseen word lists goes
-    from 0% to at least 90% (93% measured; seeds 1 and 2 gave 91% and 93%) in about 93 s on 2 CPU cores."""
+    demo records, 25 epochs of batch 16, LoRA r=32 on the tiny model): held-out exact match on 100 unseen word
+    lists goes from 0% to at least 90% (95% measured, at 1 and 2 threads) in about 110 s on 2 CPU cores. Other
+    seeds land lower (77%, 83%): this checks the shipped default, not every seed."""
     out, result, _ = demo_chain
     sft_result = result["sft"]
     assert sft_result["answer_accuracy_before"] <= 0.02
     assert sft_result["answer_accuracy"] >= 0.9
-    assert sft_result["eval_loss"] < 0.7  # from ~13 before training
+    assert sft_result["eval_loss"] < 0.4  # from ~13 before training; 0.20 measured
     assert (out / "sft" / "adapter" / "adapter_model.safetensors").is_file()

@@ -22,7 +22,8 @@ minift/tiny_corpus.txt (the tiny model's tokenizer corpus). Files written:
 
 All training files draw from one pool of word lists, disjoint (as sets of words) from the eval lists.
 Rejected / wrong answers are subtly wrong: two adjacent words swapped, the original (unreversed)
-order, one word dropped, or one word replaced by another vocabulary word; never the correct answer.
+order, one word dropped, the last word repeated, or one word replaced by another vocabulary word; never
+the correct answer (dropped and repeated words are equally common, so length does not tell a wrong answer).
 """
 
 from __future__ import annotations
@@ -79,7 +80,10 @@ def answer(words) -> str:
 def wrong_answer(rng: random.Random, words, vocab: list[str]) -> str:
     """A subtly wrong reversal of ``words`` (never equal to the correct one)."""
     right = list(reversed(words))
-    kind = rng.choice(["swap", "original", "drop", "replace"])
+    # "drop" answers are shorter and "repeat" ones (the last word again: stopping too late) longer, equally
+    # often, so that length does not tell a wrong answer: with drops alone, DPO learned "longer is better"
+    # and its greedy answers repeated their last word.
+    kind = rng.choice(["swap", "original", "drop", "repeat", "replace"])
     if kind == "swap":
         i = rng.randrange(len(right) - 1)
         wrong = right[:i] + [right[i + 1], right[i]] + right[i + 2 :]
@@ -88,6 +92,8 @@ def wrong_answer(rng: random.Random, words, vocab: list[str]) -> str:
     elif kind == "drop":
         wrong = right[:]
         del wrong[rng.randrange(len(wrong))]
+    elif kind == "repeat":
+        wrong = right + right[-1:]
     else:
         wrong = right[:]
         wrong[rng.randrange(len(wrong))] = rng.choice([w for w in vocab if w not in words])
