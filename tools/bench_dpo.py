@@ -2,8 +2,9 @@
 
     python tools/bench.py dpo [--steps 6] [--warmup 1] [--reps 2] [--threads 2]
 
-Model A (random Llama, hidden 512, 8 layers, vocab 32k; ``bench.minift_sft_model``): bf16 frozen
-weights, LoRA r16 / alpha 32 on all 7 projections with fp32 A/B, bf16 autocast on CPU, no gradient
+Model A (random Llama, hidden 512, 8 layers, vocab 32k; ``bench_common.minift_sft_model``): bf16 frozen
+weights, LoRA r16 / alpha 32 on all 7 projections with fp32 A/B, bf16 autocast on CPU (fp32 throughout where
+the CPU has no native bf16 units; ``--precision``), no gradient
 checkpointing. One optimizer step trains 4 pairs: a 128-token prompt (labels -100) and chosen and
 rejected answers of 64-256 tokens each (uniform, seeded; random ids, the last one EOS, as
 ``encode_preferences`` ends an answer; its untrained newline after the ChatML end of turn is left
@@ -13,12 +14,13 @@ lr 1e-4, as recipes/dpo.py.
 
 Sides, each alone in a fresh process with ``--threads`` torch threads, ``--reps`` times in A B B A order:
 - ``packed``: minift, chosen and rejected answers packed as separate documents into 512-token rows
-  (prompt + the longest answer = 384 fits; ``collate_pairs(packing=True)``), reference = the model
+  (prompt + the longest answer = 384 fits) and laid out as one flat row (``collate_pairs(packing=True)``: no
+  padding, document attention), reference = the model
   with the LoRA adapter disabled (``Reference(.., ADAPTER)``: a second, no-grad forward);
 - ``padded``: the same with ``collate_pairs(packing=False)`` (chosen rows, then rejected rows);
 - ``precomputed``: packed, reference log-probs from ``Reference.precompute`` run once over all pairs
   before the first step (its time is printed apart, not in the steps);
-- ``sft``: ``bench.MiniftSFT`` (``CausalLMLoss``) on the same 8 sequences per step, packed into 512:
+- ``sft``: ``bench_common.MiniftSFT`` (``CausalLMLoss``) on the same 8 sequences per step, packed into 512:
   the memory baseline;
 - ``trl``: trl's ``DPOTrainer`` + a peft ``LoraConfig`` (same r, alpha, all-linear, dropout 0) on the
   same bf16 weights, ``bf16=True``, ``use_cpu=True``, gradient checkpointing off, batch 4, pairs in
@@ -72,7 +74,7 @@ def make_pairs(n: int, vocab: int, seed: int = 0) -> list[dict]:
 
 
 def step_batches(args: argparse.Namespace) -> list[list[dict]]:
-    from bench import SFT_MODEL
+    from bench_common import SFT_MODEL
 
     pairs = make_pairs(PAIRS_PER_STEP * (args.warmup + args.steps), SFT_MODEL["vocab_size"])
     return [pairs[i:i + PAIRS_PER_STEP] for i in range(0, len(pairs), PAIRS_PER_STEP)]
@@ -86,18 +88,18 @@ class Memory:
     """Peak-RSS bookkeeping: ``start`` at set-up end, ``warmed`` after the warm-up, ``end`` after the last step."""
 
     def start(self) -> None:
-        from bench import reset_peak_rss
+        from bench_common import reset_peak_rss
 
         self.setup = reset_peak_rss()
 
     def warmed(self) -> None:
-        from bench import reset_peak_rss, rss_mib
+        from bench_common import reset_peak_rss, rss_mib
 
         self.warm_peak = rss_mib("VmHWM")
         self.timed_base = reset_peak_rss()
 
     def end(self) -> dict:
-        from bench import rss_mib
+        from bench_common import rss_mib
 
         peak = rss_mib("VmHWM")
         return {"growth": max(self.warm_peak, peak) - self.setup, "timed_growth": peak - self.timed_base,
@@ -106,12 +108,12 @@ class Memory:
 
 def run_minift(side: str, args: argparse.Namespace) -> dict:
     """One minift side: warm-up steps, then ``args.steps`` timed ones; times, tokens, losses, memory."""
-    from bench import SFT_MODEL, MiniftSFT, minift_sft_model
+    from bench_common import SFT_MODEL, MiniftSFT, autocast, minift_sft_model
 
-    from minift.packing import collate_packed, pack_examples
+    from minift.checkpoints import ADAPTER
+    from minift.packing import collate_flat, pack_examples
     from minift.pairs import Reference, collate_pairs, pair_logps, preference_loss
     from minift.rollout import SequenceLogprobs
-    from minift.train import ADAPTER
 
     steps = step_batches(args)
     sft = MiniftSFT(minift_sft_model(SFT_MODEL))  # model, trainable params, AdamW(lr 1e-4, no weight decay)
@@ -129,8 +131,9 @@ def run_minift(side: str, args: argparse.Namespace) -> dict:
         from pathlib import Path
 
         from accelerate import Accelerator
+        from bench_common import precision
 
-        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16" if precision() == "bf16" else "no")
         torch.set_num_threads(args.threads)
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
@@ -141,11 +144,11 @@ def run_minift(side: str, args: argparse.Namespace) -> dict:
         if side == "sft":
             docs = [{"input_ids": p[f"{s}_input_ids"], "labels": p[f"{s}_labels"]}
                     for p in batch_pairs for s in ("chosen", "rejected")]
-            batch = collate_packed(pack_examples(docs, ROW)[0], PAD)
+            batch = collate_flat(pack_examples(docs, ROW)[0])
             return sft.step(batch), batch["input_ids"].numel()
         optimizer.zero_grad(set_to_none=True)
         batch = collate(batch_pairs)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             ref = reference(batch, "train")  # no grad; a table lookup when precomputed
             policy = pair_logps(logps_model, batch)  # chosen and rejected in one forward
             losses, _, _ = preference_loss(cfg, policy, ref)
@@ -177,14 +180,14 @@ def run_trl(args: argparse.Namespace) -> dict:
     import tempfile
 
     import transformers as tf
-    from bench import SFT_ADAPTER, SFT_MODEL, build_sft_model
+    from bench_common import SFT_ADAPTER, SFT_MODEL, build_sft_model, oracles, precision
     from datasets import Dataset
-    from peft import LoraConfig as PeftLoraConfig
-    from trl import DPOConfig, DPOTrainer
 
     from minift.models import tiny_model_dir
     from minift.pairs import collate_pairs
 
+    refs = oracles()
+    DPOConfig, DPOTrainer = refs.trl_dpo()
     steps = step_batches(args)
     pairs = [p for b in steps for p in b]
     dataset = Dataset.from_dict({"prompt_ids": [p["chosen_input_ids"][:PROMPT] for p in pairs],
@@ -224,10 +227,11 @@ def run_trl(args: argparse.Namespace) -> dict:
     config = DPOConfig(output_dir=output_dir, report_to="none", save_strategy="no", disable_tqdm=True,
                        num_train_epochs=1, per_device_train_batch_size=PAIRS_PER_STEP, learning_rate=LR,
                        lr_scheduler_type="constant", weight_decay=0.0, optim="adamw_torch",
-                       max_grad_norm=MAX_GRAD_NORM, beta=BETA, loss_type=["sigmoid"], max_length=None, bf16=True,
+                       max_grad_norm=MAX_GRAD_NORM, beta=BETA, loss_type=["sigmoid"], max_length=None,
+                       bf16=precision() == "bf16",
                        use_cpu=True, gradient_checkpointing=False, train_sampling_strategy="sequential", seed=0)
-    peft_config = PeftLoraConfig(**SFT_ADAPTER, task_type="CAUSAL_LM")
-    trainer = PretokenizedDPOTrainer(model=build_sft_model(SFT_MODEL, "bf16"), args=config, train_dataset=dataset,
+    peft_config = refs.peft_lora_config(**SFT_ADAPTER, task_type="CAUSAL_LM")
+    trainer = PretokenizedDPOTrainer(model=build_sft_model(SFT_MODEL), args=config, train_dataset=dataset,
                                      processing_class=tf.AutoTokenizer.from_pretrained(tiny_model_dir()),
                                      peft_config=peft_config, callbacks=[Timer()])
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
@@ -243,7 +247,7 @@ def run_trl(args: argparse.Namespace) -> dict:
     cpu = [b - a for a, b in zip(cpu_ends, cpu_ends[1:])]
     return {"times": times[w:], "cpu": cpu[w:], "cells": cells[w:], "tokens": [real_tokens(b) for b in steps[w:]],
             "losses": losses, "trainable": sum(p.numel() for p in trainable), **memory.end(),
-            "info": f"trl {__import__('trl').__version__}: DPOTrainer, peft LoraConfig {SFT_ADAPTER}, LoRA weights "
+            "info": f"trl {refs.trl_version()}: DPOTrainer, peft LoraConfig {SFT_ADAPTER}, LoRA weights "
                     f"{trainable[0].dtype}, base {next(trainer.model.parameters()).dtype}, bf16={config.bf16}, "
                     f"gradient_checkpointing={config.gradient_checkpointing}, padding_free={trainer.padding_free}, "
                     f"optim {config.optim}, threads {torch.get_num_threads()}"}
@@ -251,15 +255,17 @@ def run_trl(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> bool:
     """DPO step of model A: minift packed / padded / precomputed vs an SFT step and trl's DPOTrainer + peft."""
-    from bench import load_line, run_worker, verdict
+    from bench_common import load_line, precision, run_worker, set_precision, verdict
 
     torch.set_num_threads(args.threads)
+    set_precision(args.precision)
     if args._worker:
         result = run_trl(args) if args._worker == "trl" else run_minift(args._worker, args)
         print("RESULT " + json.dumps(result))
         return True
     sides = [s for s in SIDES if s != "trl" or _has_trl()]
-    print(f"model A, LoRA r16 alpha 32 all-linear (fp32 A/B, bf16 base), bf16 autocast; {PAIRS_PER_STEP} pairs per "
+    compute = "fp32 A/B, bf16 base, bf16 autocast" if precision() == "bf16" else "fp32"
+    print(f"model A, LoRA r16 alpha 32 all-linear ({compute}); {PAIRS_PER_STEP} pairs per "
           f"step: prompt {PROMPT}, answers {ANSWER[0]}-{ANSWER[1]} tokens; sigmoid DPO beta {BETA}, clip "
           f"{MAX_GRAD_NORM}, AdamW lr {LR}; packed rows of {ROW}")
     print(f"each side a fresh process with {args.threads} threads: {args.warmup} warm-up + {args.steps} timed "
@@ -332,12 +338,9 @@ def run(args: argparse.Namespace) -> bool:
 
 
 def _has_trl() -> bool:
-    try:
-        import peft  # noqa: F401
-        import trl  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import bench_common
+
+    return bench_common.oracles() is not None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -345,4 +348,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     parser.add_argument("--reps", type=int, default=2, help="processes per side, order A B B A (default 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every process (default 2)")
+    from bench_common import add_precision_argument
+
+    add_precision_argument(parser)
     parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)

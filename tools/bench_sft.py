@@ -1,0 +1,459 @@
+"""The ``sft`` case of tools/bench.py: SFT training steps of model "A" (see tools/bench.py for the parts).
+
+    python tools/bench.py sft [--part dense|ragged|vocab|trl|all] [--steps N] [--warmup N] [--reps N]
+                              [--threads 2] [--precision auto|bf16|fp32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import random
+import statistics
+import time
+
+import bench_common
+import torch
+from bench_common import (
+    SFT_ADAPTER,
+    SFT_LR,
+    SFT_MAX_GRAD_NORM,
+    SFT_MODEL,
+    MiniftSFT,
+    add_precision_argument,
+    autocast,
+    build_sft_model,
+    gemm_rate,
+    load_line,
+    minift_sft_model,
+    paired_ratio,
+    precision,
+    reset_peak_rss,
+    rss_mib,
+    run_worker,
+    set_precision,
+    verdict,
+)
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from minift.train import cpu_has_native_bf16
+
+SFT_VOCAB_MODEL = {**SFT_MODEL, "hidden_size": 256, "intermediate_size": 768, "vocab_size": 128_000}
+SFT_THREADS = 2  # default of --threads
+SFT_SEQ = 512  # packed row length / dense sequence length
+SFT_DENSE_BATCH = 4
+SFT_RAGGED_PER_STEP = 8  # sequences per step
+SFT_TRL_ROWS = 3  # packed rows of 512 per step (~ the real tokens of 8 ragged sequences)
+SFT_LOGNORMAL = (5.0, 0.6, 32, 512)  # mu, sigma, min, max of the ragged lengths
+SFT_VOCAB_BATCH = (2, 1024)
+SFT_PARTS = ("dense", "ragged", "vocab", "trl")
+
+
+def base_linear_params(model: nn.Module) -> tuple[int, int]:
+    """(weights of the decoder's linear layers, weights of the LM head) of an un-wrapped Llama."""
+    head = model.get_output_embeddings()
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
+    return linear, head.weight.numel()
+
+
+def dense_flops_per_token(spec: dict, seq: int) -> tuple[float, int, int]:
+    """FLOPs per token of a LoRA step (see bench_sft_dense); also returns (linear params, head params)."""
+    with torch.device("meta"):
+        linear, head = base_linear_params(LlamaForCausalLM(LlamaConfig(**spec)))
+    attention = 12 * spec["num_hidden_layers"] * seq * spec["hidden_size"]
+    return 4 * (linear + head) + attention, linear, head
+
+
+def model_gemm_rate(tokens: int, repeats: int = 3) -> float:
+    """FLOP/s of model A's own forward GEMMs at ``tokens`` rows (q, k, v, o, gate, up, down, LM head), in PRECISION."""
+    h, f, kv = SFT_MODEL["hidden_size"], SFT_MODEL["intermediate_size"], SFT_MODEL["hidden_size"] // 2
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, f), (h, f), (f, h), (h, SFT_MODEL["vocab_size"])]
+    dtype = torch.bfloat16 if precision() == "bf16" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    pairs = [(torch.randn(tokens, i, generator=g).to(dtype), torch.randn(i, o, generator=g).to(dtype)) for i, o in shapes]
+    flops = sum(2 * tokens * i * o for i, o in shapes)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        for x, w in pairs:
+            x @ w
+        times.append(time.perf_counter() - start)
+    return flops / statistics.median(times[1:])
+
+
+def bench_sft_dense(args: argparse.Namespace) -> bool:
+    """Dense 4 x 512 LoRA step: tokens/s and share of the GEMM ceiling in PRECISION (goal >= 75%).
+
+    FLOPs per token = 4 x (decoder linear params + LM-head params) + 12 x layers x seq x hidden:
+    2 x params forward plus 2 x params backward for the activation gradients only (the frozen base
+    weights need no weight gradient); attention scores and weighted sum 2 x 2 x seq x hidden per layer
+    forward over the full (not causal-halved) context, backward 2x that. LoRA's own A/B FLOPs
+    (6 x r x (in + out) per projection, ~4% here) and element-wise work are not counted.
+    Ceiling tokens/s = GEMM rate (2048^3 matmul in PRECISION, measured between the steps) / FLOPs per token.
+    The rate of model A's own GEMM shapes at 2048 rows is printed beside it.
+    """
+    flops, linear, head = dense_flops_per_token(SFT_MODEL, SFT_SEQ)
+    tokens = SFT_DENSE_BATCH * SFT_SEQ
+    print(f"\n== sft dense: batch {SFT_DENSE_BATCH} x {SFT_SEQ}, no padding, all tokens trained, {precision()} ==")
+    print(f"FLOPs/token = 4 x ({linear:,} linear + {head:,} head) + 12 x {SFT_MODEL['num_hidden_layers']} x {SFT_SEQ}"
+          f" x {SFT_MODEL['hidden_size']} = {flops / 1e6:.1f} MFLOP")
+    ids = torch.randint(SFT_MODEL["vocab_size"], (SFT_DENSE_BATCH, SFT_SEQ), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    side = MiniftSFT(minift_sft_model(SFT_MODEL))
+    first_loss = side.step(batch)
+    for _ in range(args.warmup - 1):
+        side.step(batch)
+    gemm_rate()
+    rates, shape_rates, times, shares = [], [], [], []
+    for _ in range(args.steps):  # each round: the GEMM rates, then one step
+        rates.append(gemm_rate())
+        shape_rates.append(model_gemm_rate(tokens))
+        start = time.perf_counter()
+        side.step(batch)
+        times.append(time.perf_counter() - start)
+        shares.append(tokens / times[-1] * flops / rates[-1])
+    rate, wall = statistics.median(rates), statistics.median(times)
+    tps = tokens / wall
+    share = tps * flops / rate
+    print(f"{precision()} GEMM 2048^3: median {rate / 1e9:.0f} GFLOP/s over {len(rates)} rounds (min {min(rates) / 1e9:.0f}"
+          f", max {max(rates) / 1e9:.0f}) -> ceiling {rate / flops:,.0f} tokens/s; model A's own GEMM shapes at "
+          f"{tokens} rows: {statistics.median(shape_rates) / 1e9:.0f} GFLOP/s")
+    print(f"{args.steps} timed steps after {args.warmup} warm-up; {torch.get_num_threads()} threads\n")
+    print(f"{'first loss':>11}{'median ms':>11}{'best ms':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'share':>8}{'paired share':>14}")
+    print(f"{first_loss:>11.4f}{1e3 * wall:>11.0f}{1e3 * min(times):>9.0f}{tps:>10.0f}{tps * flops / 1e9:>9.0f}"
+          f"{share:>8.1%}{statistics.median(shares):>14.1%}")
+    print(f"\nshare of the {precision()} GEMM ceiling = {share:.1%} (goal >= 75%): {verdict(share >= 0.75)}")
+    print("(paired share: per round, step tokens/s x FLOPs/token / that round's GEMM rate, median over rounds)")
+    return share >= 0.75
+
+
+def ragged_lengths(n: int, rng: random.Random) -> list[int]:
+    mu, sigma, low, high = SFT_LOGNORMAL
+    return [min(high, max(low, round(rng.lognormvariate(mu, sigma)))) for _ in range(n)]
+
+
+def ragged_examples(n: int, vocab: int, seed: int) -> list[dict]:
+    """``n`` examples with log-normal lengths and random token ids; every token is trained (labels = ids)."""
+    rng = random.Random(seed)
+    out = []
+    for length in ragged_lengths(n, rng):
+        ids = [rng.randrange(vocab) for _ in range(length)]
+        out.append({"input_ids": ids, "labels": list(ids)})
+    return out
+
+
+def bench_sft_ragged(args: argparse.Namespace) -> bool:
+    """Ragged 8 sequences per step: packed (no mask) vs padded (attention_mask), real tokens/s (goal >= 1.3x)."""
+    from minift.packing import collate_flat, collate_padded, pack_examples
+
+    steps = args.steps
+    n_steps = steps + args.warmup
+    examples = ragged_examples(n_steps * SFT_RAGGED_PER_STEP, SFT_MODEL["vocab_size"], seed=1)
+    batches = [examples[i * SFT_RAGGED_PER_STEP:(i + 1) * SFT_RAGGED_PER_STEP] for i in range(n_steps)]
+    real = [sum(len(e["input_ids"]) for e in b) for b in batches]
+    padded_cells = [SFT_RAGGED_PER_STEP * max(len(e["input_ids"]) for e in b) for b in batches]
+    print(f"\n== sft ragged: {SFT_RAGGED_PER_STEP} sequences per step, lengths log-normal(mu {SFT_LOGNORMAL[0]}, "
+          f"sigma {SFT_LOGNORMAL[1]}) clamped to {SFT_LOGNORMAL[2]}..{SFT_LOGNORMAL[3]} ==")
+    print(f"{n_steps} batches: {sum(real):,} real tokens, padding when padded {1 - sum(real) / sum(padded_cells):.1%}")
+
+    def packed(b: list[dict]) -> dict:
+        return collate_flat(pack_examples(b, SFT_SEQ)[0])
+
+    def padded(b: list[dict]) -> dict:
+        return collate_padded(b, pad_token_id=0)
+
+    base = minift_sft_model(SFT_MODEL)
+    sides = {"packed": (packed, MiniftSFT(base)), "padded": (padded, MiniftSFT(copy.deepcopy(base)))}
+    names = list(sides)
+    times = {n: [] for n in names}
+    cells = {n: [] for n in names}
+    for i, b in enumerate(batches):  # same batch on both sides, order flipped each step; collation timed too
+        for name in (names if i % 2 == 0 else names[::-1]):
+            collate, side = sides[name]
+            start = time.perf_counter()
+            batch = collate(b)
+            side.step(batch)
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+                cells[name].append(batch["input_ids"].numel())
+    timed_real = real[args.warmup:]
+    print(f"{steps} timed steps per side after {args.warmup} warm-up; {torch.get_num_threads()} threads; "
+          f"{precision()}\n")
+    print(f"{'side':<8}{'cells/step':>11}{'padding':>9}{'median ms':>11}{'best ms':>9}{'real tokens/s':>15}")
+    for name in names:
+        pad_share = 1 - sum(timed_real) / sum(cells[name])
+        rates = [r / t for r, t in zip(timed_real, times[name])]
+        print(f"{name:<8}{statistics.median(cells[name]):>11.0f}{pad_share:>9.1%}"
+              f"{1e3 * statistics.median(times[name]):>11.0f}{1e3 * min(times[name]):>9.0f}"
+              f"{statistics.median(rates):>15.0f}")
+    ratio = paired_ratio(times["padded"], times["packed"])
+    print(f"\nreal tokens/s packed / padded (median of paired steps) = {ratio:.2f}x (goal >= 1.3x): "
+          f"{verdict(ratio >= 1.3)}")
+    return ratio >= 1.3
+
+
+# -- sub-processes: each side of the vocab and trl parts runs alone in a fresh process
+
+def vocab_batch() -> dict:
+    rows, seq = SFT_VOCAB_BATCH
+    ids = torch.randint(SFT_VOCAB_MODEL["vocab_size"], (rows, seq), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :seq // 2] = -100  # the prompt half of every sequence is not trained
+    return {"input_ids": ids, "labels": labels}
+
+
+def worker_vocab(role: str, args: argparse.Namespace) -> dict:
+    """One side of the vocab part: minift's chunked CausalLMLoss, or HF's full-logits ``model(..., labels=)``."""
+    model = minift_sft_model(SFT_VOCAB_MODEL)
+    side = MiniftSFT(model)
+    batch = vocab_batch()
+    if role == "vocab-full":
+        def step(b: dict) -> float:
+            side.optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                loss = model(input_ids=b["input_ids"], labels=b["labels"], use_cache=False).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(side.params, SFT_MAX_GRAD_NORM)
+            side.optimizer.step()
+            return loss.item()
+    else:
+        step = side.step
+    first_loss = step(batch)  # warm-up step: allocates optimizer state; set-up ends here
+    for _ in range(args.warmup - 1):
+        step(batch)
+    before = reset_peak_rss()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step(batch)
+        times.append(time.perf_counter() - start)
+    return {"times": times, "growth_mib": rss_mib("VmHWM") - before, "rss_setup_mib": before,
+            "first_loss": first_loss}
+
+
+def bench_sft_vocab(args: argparse.Namespace) -> bool:
+    """128k vocab, half the tokens prompt-masked: minift chunked vs full logits; peak RSS growth (goal <= 0.5x)."""
+    rows, seq = SFT_VOCAB_BATCH
+    print(f"\n== sft vocab: hidden {SFT_VOCAB_MODEL['hidden_size']}, intermediate "
+          f"{SFT_VOCAB_MODEL['intermediate_size']}, vocab {SFT_VOCAB_MODEL['vocab_size']:,}, batch {rows} x {seq}, "
+          f"first half of each sequence labels -100 ==")
+    print(f"each side alone in a fresh process, {args.reps} repetitions alternating A B A B; per repetition "
+          f"{args.warmup} warm-up step(s) (end of set-up), then the peak-RSS counter is reset and {args.steps} "
+          f"timed steps run; growth = peak RSS - RSS after set-up; {args.threads} threads")
+    roles = {"minift chunked": "vocab-minift", "full logits (HF)": "vocab-full"}
+    results: dict[str, list[dict]] = {n: [] for n in roles}
+    for rep in range(args.reps):
+        for name in (list(roles) if rep % 2 == 0 else list(roles)[::-1]):
+            results[name].append(run_worker(roles[name], args))
+    print(f"\n{'side':<18}{'first loss':>11}{'median ms':>11}{'best ms':>9}{'tokens/s':>10}{'set-up MiB':>12}"
+          f"{'peak growth MiB':>17}")
+    summary = {}
+    for name, runs in results.items():
+        times = [t for r in runs for t in r["times"]]
+        wall = statistics.median(times)
+        growth = statistics.median(r["growth_mib"] for r in runs)
+        summary[name] = (wall, growth)
+        print(f"{name:<18}{runs[0]['first_loss']:>11.4f}{1e3 * wall:>11.0f}{1e3 * min(times):>9.0f}"
+              f"{rows * seq / wall:>10.0f}{statistics.median(r['rss_setup_mib'] for r in runs):>12.0f}"
+              f"{growth:>17.0f}")
+        per_rep = ", ".join(f"{r['growth_mib']:.0f}" for r in runs)
+        print(f"{'':<18}peak growth per repetition: {per_rep} MiB")
+    (mw, mg), (fw, fg) = summary["minift chunked"], summary["full logits (HF)"]
+    mem, speed = mg / fg, fw / mw
+    print(f"\npeak growth minift / full = {mem:.2f}x (goal <= 0.5x): {verdict(mem <= 0.5)}")
+    print(f"speed minift / full (median step times) = {speed:.2f}x (goal >= 1.0x): {verdict(speed >= 1.0)}")
+    return mem <= 0.5 and speed >= 1.0
+
+
+TRL_SIDES = {  # name shown -> worker role
+    "minift": "trl-minift",
+    "trl defaults": "trl-defaults",
+    "trl matched": "trl-matched",
+}
+
+
+def trl_dataset_size(steps: int, warmup: int) -> int:
+    """Sequences in the trl part's dataset: one epoch of trl's default batch (8 sequences) per step."""
+    return SFT_RAGGED_PER_STEP * (steps + warmup)
+
+
+def worker_trl(role: str, args: argparse.Namespace) -> dict:
+    """One side of the trl part: one epoch over the same ragged sequences; per-step times and real tokens."""
+    examples = ragged_examples(trl_dataset_size(args.steps, args.warmup), SFT_MODEL["vocab_size"], seed=2)
+    tokens, ends, losses = [], [], []
+    if role == "trl-minift":
+        from minift.packing import collate_flat, pack_examples
+
+        side = MiniftSFT(minift_sft_model(SFT_MODEL))
+        rows, _ = pack_examples(examples, SFT_SEQ)
+        before = reset_peak_rss()
+        ends.append(time.perf_counter())
+        for i in range(0, len(rows), SFT_TRL_ROWS):
+            batch = collate_flat(rows[i:i + SFT_TRL_ROWS])
+            losses.append(side.step(batch))
+            tokens.append(int((batch["doc_index"] >= 0).sum()))
+            ends.append(time.perf_counter())
+        info = {"optimizer": "torch.optim.AdamW (for-each off, CPU default)", "batch": f"{SFT_TRL_ROWS} packed rows"}
+    else:
+        import tempfile
+
+        import transformers as tf
+        from datasets import Dataset
+        refs = bench_common.oracles()
+        SFTConfig, SFTTrainer = refs.trl_sft()
+
+        from minift.models import tiny_model_dir
+
+        matched = role == "trl-matched"
+        model = build_sft_model(SFT_MODEL, precision() if matched else "fp32")
+        tokenizer = tf.AutoTokenizer.from_pretrained(tiny_model_dir())
+        dataset = Dataset.from_dict({"input_ids": [e["input_ids"] for e in examples]})
+        common = {"output_dir": tempfile.mkdtemp(prefix="minift-bench-trl-"), "report_to": "none",
+                  "save_strategy": "no", "disable_tqdm": True, "num_train_epochs": 1, "learning_rate": SFT_LR,
+                  "seed": 0, "use_cpu": True}  # bf16 autocast on CPU needs use_cpu
+        bf16 = precision() == "bf16"  # trl's default is bf16 autocast: off where the CPU has no bf16 units
+        if matched:  # minift's settings: same dtype, no checkpointing, packing (bfd -> padding-free) into 512
+            config = SFTConfig(**common, activation_checkpointing=False, packing=True, max_length=SFT_SEQ,
+                               per_device_train_batch_size=SFT_TRL_ROWS, bf16=bf16)
+        else:  # trl's defaults (bf16 autocast, gradient checkpointing, no packing, batch 8, max_length 1024)
+            config = SFTConfig(**common) if bf16 else SFTConfig(**common, bf16=False)
+
+        class Timer(tf.TrainerCallback):
+            def on_train_begin(self, *a, **k):
+                ends.append(time.perf_counter())
+
+            def on_step_end(self, *a, **k):
+                ends.append(time.perf_counter())
+
+        class TimedSFTTrainer(SFTTrainer):
+            def training_step(self, model, inputs, num_items_in_batch=None):
+                mask = inputs.get("attention_mask")
+                tokens.append(int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel()))
+                loss = super().training_step(model, inputs, num_items_in_batch)
+                losses.append(float(loss))
+                return loss
+
+        trainer = TimedSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                                  peft_config=refs.peft_lora_config(**SFT_ADAPTER, task_type="CAUSAL_LM"),
+                                  callbacks=[Timer()])
+        info = {"optimizer": config.optim, "batch": f"{config.per_device_train_batch_size} "
+                f"{'packed rows' if matched else 'sequences'}", "activation_checkpointing": config.activation_checkpointing,
+                "bf16": config.bf16, "packing": config.packing, "padding_free": trainer.padding_free,
+                "dtype": str(next(model.parameters()).dtype)}
+        torch.set_num_threads(args.threads)  # in case the Trainer changed it
+        before = reset_peak_rss()
+        trainer.train()
+        import shutil
+
+        shutil.rmtree(common["output_dir"], ignore_errors=True)  # save_strategy="no": nothing to keep
+    times = [b - a for a, b in itertools.pairwise(ends)]
+    if len(times) != len(tokens):
+        raise RuntimeError(f"{role}: {len(times)} step times for {len(tokens)} batches")
+    return {"times": times[args.warmup:], "tokens": tokens[args.warmup:], "epoch_tokens": sum(tokens),
+            "growth_mib": rss_mib("VmHWM") - before,
+            "rss_setup_mib": before, "steps": len(times), "mean_loss": statistics.fmean(losses),
+            "threads": torch.get_num_threads(), **info}
+
+
+def bench_sft_trl(args: argparse.Namespace) -> bool:
+    """minift vs trl's SFTTrainer + peft, each side in its own process (goals: >= 1.5x defaults, >= 1.0x matched)."""
+    if bench_common.oracles() is None:
+        print("\n== sft trl: peft / trl are not installed (pip install -e '.[test]'): no comparison (FAIL) ==")
+        return False
+    n = trl_dataset_size(args.steps, args.warmup)
+    print(f"\n== sft trl: one epoch over the same {n} ragged sequences (log-normal lengths as in 'ragged', "
+          f"all tokens trained), model A, LoRA {SFT_ADAPTER} ==")
+    compute = "bf16 base + fp32 LoRA, bf16 autocast" if precision() == "bf16" else "fp32"
+    print(f"minift: {compute}, no checkpointing, pack_examples into {SFT_SEQ}, {SFT_TRL_ROWS} rows per step in one "
+          f"flat row (collate_flat, document attention), clip 1.0 + AdamW")
+    print("trl defaults: SFTConfig() defaults (bf16 autocast, gradient checkpointing, no packing, batch 8), "
+          "fp32 model (trl's default dtype)" + ("" if precision() == "bf16" else "; bf16=False (no bf16 units here)"))
+    print(f"trl matched: {compute}, no checkpointing, packing=True (bfd, padding-free) into {SFT_SEQ}, "
+          f"{SFT_TRL_ROWS} rows per step")
+    print(f"each run a fresh process: first {args.warmup} steps untimed, the rest timed (step = end-to-end, data "
+          f"included); peak-RSS counter reset just before training; {args.reps} repetitions, sides rotating")
+    names = list(TRL_SIDES)
+    results: dict[str, list[dict]] = {k: [] for k in names}
+    for rep in range(args.reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            results[name].append(run_worker(TRL_SIDES[name], args))
+            r = results[name][-1]
+            print(f"  rep {rep + 1} {name:<13}{sum(r['tokens']) / sum(r['times']):>8.0f} real tokens/s, "
+                  f"{r['steps']} steps, growth {r['growth_mib']:.0f} MiB", flush=True)
+    print(f"\n{'side':<14}{'epoch tokens':>13}{'steps':>6}{'tok/step':>9}{'mean loss':>10}{'real tokens/s':>15}"
+          f"{'set-up MiB':>12}{'peak growth MiB':>17}{'peak total MiB':>16}")
+    summary = {}
+    for name in names:
+        runs = results[name]
+        tps = statistics.median(sum(r["tokens"]) / sum(r["times"]) for r in runs)
+        growth = statistics.median(r["growth_mib"] for r in runs)
+        total = statistics.median(r["growth_mib"] + r["rss_setup_mib"] for r in runs)
+        summary[name] = (tps, growth, total)
+        r = runs[0]
+        print(f"{name:<14}{r['epoch_tokens']:>13,}{r['steps']:>6}{statistics.fmean(r['tokens']):>9.0f}"
+              f"{r['mean_loss']:>10.4f}{tps:>15.0f}"
+              f"{statistics.median(x['rss_setup_mib'] for x in runs):>12.0f}{growth:>17.0f}{total:>16.0f}")
+    for name in names[1:]:
+        r = results[name][0]
+        print(f"  {name}: {', '.join(f'{k}={r[k]}' for k in ('dtype', 'bf16', 'activation_checkpointing', 'packing', 'padding_free', 'optimizer', 'batch'))}")
+    ok = True
+    for name, goal in (("trl defaults", 1.5), ("trl matched", 1.0)):
+        speed = summary["minift"][0] / summary[name][0]
+        mem_ok = summary["minift"][1] <= summary[name][1]
+        ok = ok and speed >= goal and mem_ok
+        print(f"\nvs {name}: real tokens/s ratio minift / trl = {speed:.2f}x (goal >= {goal}x): {verdict(speed >= goal)}")
+        print(f"vs {name}: peak growth minift {summary['minift'][1]:.0f} MiB vs trl {summary[name][1]:.0f} MiB "
+              f"(goal <=): {verdict(mem_ok)}; peak total {summary['minift'][2]:.0f} vs {summary[name][2]:.0f} MiB")
+    return ok
+
+
+# part -> (timed steps, warm-up steps, process repetitions) when not given on the command line
+SFT_DEFAULTS = {"dense": (6, 2, 1), "ragged": (8, 2, 1), "vocab": (2, 1, 3), "trl": (6, 1, 2)}
+
+
+def bench_sft(args: argparse.Namespace) -> bool:
+    """SFT step of model A (LoRA r16): dense, ragged (packing), vocab (chunked CE), trl parts."""
+    torch.set_num_threads(args.threads)
+    set_precision(args.precision)
+    if args._worker:
+        import json
+
+        fn = worker_vocab if args._worker.startswith("vocab") else worker_trl
+        print("RESULT " + json.dumps(fn(args._worker, args)))
+        return True
+    print(f"threads: torch.set_num_threads({args.threads}) -> {torch.get_num_threads()} intra-op, "
+          f"{torch.get_num_interop_threads()} inter-op, in every process")
+    print(f"model A: random Llama {SFT_MODEL}; LoRA {SFT_ADAPTER} via minift apply_lora; AdamW lr {SFT_LR}; "
+          f"gradient checkpointing off; precision {precision()} (native bf16 matrix units: {cpu_has_native_bf16()})")
+    parts = SFT_PARTS if args.part == "all" else (args.part,)
+    runners = {"dense": bench_sft_dense, "ragged": bench_sft_ragged, "vocab": bench_sft_vocab, "trl": bench_sft_trl}
+    passed = {}
+    for part in parts:
+        steps, warmup, reps = SFT_DEFAULTS[part]
+        part_args = argparse.Namespace(**{**vars(args), "steps": args.steps or steps, "reps": args.reps or reps,
+                                          "warmup": warmup if args.warmup is None else args.warmup})
+        start = time.perf_counter()
+        print(f"\n[{part}] start: {load_line()}")
+        passed[part] = runners[part](part_args)
+        print(f"[{part}] {time.perf_counter() - start:.0f} s; end: {load_line()}")
+    if len(parts) > 1:
+        print("\nsummary: " + ", ".join(f"{p} {verdict(ok)}" for p, ok in passed.items()))
+    return all(passed.values())
+
+
+def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--part", choices=(*SFT_PARTS, "all"), default="all", help="which part to run (default all)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per side (per process for vocab and trl); default dense 6, ragged 8, "
+                             "vocab 2, trl 6")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps first; default 2 (dense, ragged), 1 (vocab, trl)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="processes per side, alternating, for vocab and trl (default 3 and 2)")
+    parser.add_argument("--threads", type=int, default=SFT_THREADS, help=f"torch threads (default {SFT_THREADS})")
+    add_precision_argument(parser)
+    parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+
