@@ -42,9 +42,9 @@ def document_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if query.shape[0] != 1 or kwargs.get("cache") is not None:
+    if query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         raise ValueError("document attention takes one flat row (batch 1, collate_flat) and no KV cache; "
-                         f"got batch {query.shape[0]}")
+                         f"got batch {query.shape[0]}, {query.shape[2]} queries for {key.shape[2]} keys")
     groups = query.shape[1] // key.shape[1]
     bounds = cu_seq_lens_q.tolist()
     if bounds[0] != 0 or bounds[-1] != query.shape[2]:
