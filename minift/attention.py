@@ -2,9 +2,9 @@
 
 ``collate_flat`` (minift/packing.py) lays a micro-batch out as one row of concatenated documents,
 no padding, with their boundaries as ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (int32, ``(n_docs + 1,)``,
-cumulative lengths from 0) and ``max_length_q`` / ``max_length_k``: the keyword arguments that
-transformers' ``flash_attention_2`` takes for its variable-length kernel. Passed to the model's forward,
-they reach every attention call.
+cumulative lengths from 0). With ``max_length_q`` / ``max_length_k`` (the longest document, added by
+``CausalLMLoss``) these are the keyword arguments that transformers' ``flash_attention_2`` takes for its
+variable-length kernel. Passed to the model's forward, they reach every attention call.
 
 ``"minift_sdpa"`` is the same for PyTorch's SDPA on any device: one ``is_causal`` SDPA call per
 document, so no ``[seq, seq]`` mask is ever built and attention costs the sum of the documents'
