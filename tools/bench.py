@@ -26,7 +26,7 @@ sft   ``python tools/bench.py sft [--part dense|ragged|vocab|trl|all] [--steps N
       minift's LoRA (r16, alpha 32, all 7 projections), no gradient checkpointing, loss via ``CausalLMLoss``,
       gradient clipping 1.0 and AdamW; 2 torch threads in every process. Precision (``--precision auto``): bf16
       frozen weights, fp32 LoRA A/B and bf16 autocast where the CPU multiplies bf16 natively (AVX-512 / AMX),
-      else fp32 throughout (PyTorch's bf16 fallback is ~100x slower than fp32 there). Parts (``tools/bench_sft.py``):
+      else fp32 throughout (PyTorch's bf16 fallback is ~100x slower than fp32 there). Parts (``tools/bench_sft*.py``):
       ``dense``: 4 x 512 tokens; tokens/s and share of the ceiling set by a 2048^3 GEMM in the same precision
       timed between the steps (FLOP count in ``bench_sft_dense``; goal >= 75%). ``ragged``: 8 log-normal-length
       sequences per step, packed (pack_examples + collate_flat: one padding-free row, document attention) vs

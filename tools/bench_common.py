@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,9 @@ SFT_MODEL = {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 
 SFT_ADAPTER = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "lora_dropout": 0.0}
 SFT_LR = 1e-4
 SFT_MAX_GRAD_NORM = 1.0  # minift's recipe default (TrainConfig.max_grad_norm) and the Trainer's
+SFT_SEQ = 512  # packed row length / dense sequence length
+SFT_RAGGED_PER_STEP = 8  # sequences per step in the ragged and trl parts
+SFT_LOGNORMAL = (5.0, 0.6, 32, 512)  # mu, sigma, min, max of the ragged lengths
 
 # The compute precision of every side: "bf16" (bf16 frozen weights, fp32 LoRA A/B, bf16 autocast) where the CPU
 # multiplies bf16 natively (AVX512-BF16 / AMX), else "fp32": without those units PyTorch's bf16 GEMM is a
@@ -109,6 +113,21 @@ class MiniftSFT:
         torch.nn.utils.clip_grad_norm_(self.params, SFT_MAX_GRAD_NORM)
         self.optimizer.step()
         return loss.item()
+
+
+def ragged_lengths(n: int, rng: random.Random) -> list[int]:
+    mu, sigma, low, high = SFT_LOGNORMAL
+    return [min(high, max(low, round(rng.lognormvariate(mu, sigma)))) for _ in range(n)]
+
+
+def ragged_examples(n: int, vocab: int, seed: int) -> list[dict]:
+    """``n`` examples with log-normal lengths and random token ids; every token is trained (labels = ids)."""
+    rng = random.Random(seed)
+    out = []
+    for length in ragged_lengths(n, rng):
+        ids = [rng.randrange(vocab) for _ in range(length)]
+        out.append({"input_ids": ids, "labels": list(ids)})
+    return out
 
 
 _GEMM_INPUTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -23,7 +23,7 @@ Sides, each alone in a fresh process with ``--threads`` torch threads, ``--reps`
 - ``sft``: ``bench_common.MiniftSFT`` (``CausalLMLoss``) on the same 8 sequences per step, packed into 512:
   the memory baseline;
 - ``trl``: trl's ``DPOTrainer`` + a peft ``LoraConfig`` (same r, alpha, all-linear, dropout 0) on the
-  same bf16 weights, ``bf16=True``, ``use_cpu=True``, gradient checkpointing off, batch 4, pairs in
+  same weights, ``bf16`` as the precision, ``use_cpu=True``, gradient checkpointing off, batch 4, pairs in
   order (sequential sampler), reference by disabling the adapter. trl 1.16 tokenizes text in
   ``_prepare_dataset``; a subclass skips it and hands the collator the ``prompt_ids`` / ``chosen_ids``
   / ``rejected_ids`` columns it reads, and each batch is checked to hold the same token ids as
@@ -50,6 +50,23 @@ import statistics
 import time
 
 import torch
+from bench_common import (
+    SFT_ADAPTER,
+    SFT_MODEL,
+    MiniftSFT,
+    add_precision_argument,
+    autocast,
+    build_sft_model,
+    load_line,
+    minift_sft_model,
+    oracles,
+    precision,
+    reset_peak_rss,
+    rss_mib,
+    run_worker,
+    set_precision,
+    verdict,
+)
 
 PAIRS_PER_STEP, PROMPT, ANSWER = 4, 128, (64, 256)
 ROW = 512  # packed row length; chosen and rejected are separate documents, each <= PROMPT + 256 = 384
@@ -74,8 +91,6 @@ def make_pairs(n: int, vocab: int, seed: int = 0) -> list[dict]:
 
 
 def step_batches(args: argparse.Namespace) -> list[list[dict]]:
-    from bench_common import SFT_MODEL
-
     pairs = make_pairs(PAIRS_PER_STEP * (args.warmup + args.steps), SFT_MODEL["vocab_size"])
     return [pairs[i:i + PAIRS_PER_STEP] for i in range(0, len(pairs), PAIRS_PER_STEP)]
 
@@ -88,19 +103,13 @@ class Memory:
     """Peak-RSS bookkeeping: ``start`` at set-up end, ``warmed`` after the warm-up, ``end`` after the last step."""
 
     def start(self) -> None:
-        from bench_common import reset_peak_rss
-
         self.setup = reset_peak_rss()
 
     def warmed(self) -> None:
-        from bench_common import reset_peak_rss, rss_mib
-
         self.warm_peak = rss_mib("VmHWM")
         self.timed_base = reset_peak_rss()
 
     def end(self) -> dict:
-        from bench_common import rss_mib
-
         peak = rss_mib("VmHWM")
         return {"growth": max(self.warm_peak, peak) - self.setup, "timed_growth": peak - self.timed_base,
                 "setup_mib": self.setup}
@@ -108,8 +117,6 @@ class Memory:
 
 def run_minift(side: str, args: argparse.Namespace) -> dict:
     """One minift side: warm-up steps, then ``args.steps`` timed ones; times, tokens, losses, memory."""
-    from bench_common import SFT_MODEL, MiniftSFT, autocast, minift_sft_model
-
     from minift.checkpoints import ADAPTER
     from minift.packing import collate_flat, pack_examples
     from minift.pairs import Reference, collate_pairs, pair_logps, preference_loss
@@ -131,7 +138,6 @@ def run_minift(side: str, args: argparse.Namespace) -> dict:
         from pathlib import Path
 
         from accelerate import Accelerator
-        from bench_common import precision
 
         accelerator = Accelerator(cpu=True, mixed_precision="bf16" if precision() == "bf16" else "no")
         torch.set_num_threads(args.threads)
@@ -180,7 +186,6 @@ def run_trl(args: argparse.Namespace) -> dict:
     import tempfile
 
     import transformers as tf
-    from bench_common import SFT_ADAPTER, SFT_MODEL, build_sft_model, oracles, precision
     from datasets import Dataset
 
     from minift.models import tiny_model_dir
@@ -255,15 +260,13 @@ def run_trl(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> bool:
     """DPO step of model A: minift packed / padded / precomputed vs an SFT step and trl's DPOTrainer + peft."""
-    from bench_common import load_line, precision, run_worker, set_precision, verdict
-
     torch.set_num_threads(args.threads)
     set_precision(args.precision)
     if args._worker:
         result = run_trl(args) if args._worker == "trl" else run_minift(args._worker, args)
         print("RESULT " + json.dumps(result))
         return True
-    sides = [s for s in SIDES if s != "trl" or _has_trl()]
+    sides = [s for s in SIDES if s != "trl" or oracles() is not None]
     compute = "fp32 A/B, bf16 base, bf16 autocast" if precision() == "bf16" else "fp32"
     print(f"model A, LoRA r16 alpha 32 all-linear ({compute}); {PAIRS_PER_STEP} pairs per "
           f"step: prompt {PROMPT}, answers {ANSWER[0]}-{ANSWER[1]} tokens; sigmoid DPO beta {BETA}, clip "
@@ -337,18 +340,10 @@ def run(args: argparse.Namespace) -> bool:
     return ok
 
 
-def _has_trl() -> bool:
-    import bench_common
-
-    return bench_common.oracles() is not None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per process (default 6)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     parser.add_argument("--reps", type=int, default=2, help="processes per side, order A B B A (default 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every process (default 2)")
-    from bench_common import add_precision_argument
-
     add_precision_argument(parser)
     parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
