@@ -149,6 +149,20 @@ def _glue_negative_numbers(argv: list[str]) -> list[str]:
     return out
 
 
+def _flag_help(cls, f: dataclasses.Field) -> str:
+    """A field's help text and default. A recipe that only changes a shared field's default (``learning_rate:
+    float = 4e-3``) keeps the help written where the field was declared, in a base class."""
+    text = next((k.__dataclass_fields__[f.name].metadata.get("help") for k in cls.__mro__
+                 if f.name in getattr(k, "__dataclass_fields__", {})
+                 and k.__dataclass_fields__[f.name].metadata.get("help")), "")
+    if "default:" in text:  # the help already says what the default means
+        return text
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if isinstance(default, list):
+        default = ",".join(map(str, default))
+    return f"{text} (default: {default})"
+
+
 def parse_config(cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
     """Defaults < ``--config FILE.yaml`` < CLI flags. Raises ConfigError (argparse exits on ``--help``)."""
     types_ = _field_types(cls)
@@ -156,11 +170,9 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str |
     parser.add_argument("--config", help="YAML file with any of the options below")
     for f in dataclasses.fields(cls):
         annotation = types_[f.name]
-        shown = f.default if f.default is not dataclasses.MISSING else "(computed)"
         kind = {bool: "BOOL", int: "INT", float: "FLOAT"}.get(annotation, "VALUE")
         flag = {"nargs": "?", "const": "true"} if annotation is bool else {}  # `--packing` alone means true
-        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, metavar=kind,
-                            help=f"{f.metadata.get('help', '')} (default: {shown})", **flag)
+        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, metavar=kind, help=_flag_help(cls, f), **flag)
     args, extra = parser.parse_known_args(_glue_negative_numbers(sys.argv[1:] if argv is None else list(argv)))
     if extra:  # argparse would only say "unrecognized arguments"; name the closest flag instead
         flag = next((a for a in extra if a.startswith("--")), None)

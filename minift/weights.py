@@ -6,16 +6,17 @@ Weights are always exchanged as float ``[out, in]`` tensors, so LoRA code never 
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
 
 def _bnb():
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return None
-    return bnb
+    """bitsandbytes if something already imported it, else None: a model can hold bnb layers only after the
+    library was imported (transformers imports it to quantize on load), and importing it here for every
+    model would cost its start-up and its warnings in runs that never quantize."""
+    return sys.modules.get("bitsandbytes")
 
 
 def base_kind(module: nn.Module) -> str | None:

@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     subparsers = parser.add_subparsers(dest="case", required=True)
     for name, (add_arguments, run) in CASES.items():
-        sub = subparsers.add_parser(name, help=run.__doc__)
+        sub = subparsers.add_parser(name, help=run.__doc__.replace("%", "%%"))  # argparse formats help with %
         add_arguments(sub)
         sub.add_argument("--strict", action="store_true", help="exit with status 1 when the case misses its target")
         sub.set_defaults(run=run)

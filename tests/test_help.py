@@ -1,0 +1,58 @@
+"""What a new user sees first: ``--help`` of every recipe and of the benchmarks, and no warnings from libraries
+the run does not use."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+
+
+@pytest.mark.parametrize("recipe,config", [("sft", "SFTConfig"), ("dpo", "DPOConfig"), ("sft_dpo", "ChainConfig")])
+def test_every_recipe_option_has_a_help_text_and_one_default(recipe, config, monkeypatch, capsys):
+    """Each flag of ``--help`` says what it is and states its default once, as a value (never "(computed)")."""
+    from minift.config import parse_config
+
+    monkeypatch.syspath_prepend(str(RECIPES))  # sft_dpo.py imports its sibling recipes
+    cls = getattr(load_recipe(recipe), config)
+    with pytest.raises(SystemExit) as exit_:
+        parse_config(cls, ["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split("options:", 1)[1].split())  # unwrapped, after the usage
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        entry = re.search(rf"--{f.name} \S+ (.*?)(?= --\w|$)", text)
+        assert entry, f.name
+        help_text = entry.group(1)
+        assert not help_text.startswith("(default"), (f.name, help_text)  # a description comes first
+        assert help_text.count("default") == 1 and "(computed)" not in help_text, (f.name, help_text)
+    if recipe != "sft_dpo":  # the chain has its own few options
+        assert "--target_modules VALUE module names, comma-separated, or all-linear (default: all-linear)" in text
+
+
+def test_bench_help_works():
+    """``python tools/bench.py --help`` lists the cases (a ``%`` in a case's help text used to crash argparse)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--help"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for case in ("lora", "data", "sft", "dpo", "gguf"):
+        assert case in proc.stdout
+
+
+def test_bitsandbytes_is_not_imported_without_quantization(tiny_dir):
+    """LoRA on a full-precision model never imports bitsandbytes (its import prints kernel warnings on CPU)."""
+    code = ("import sys; from minift.models import load_model_and_tokenizer; from minift.lora import LoraConfig, "
+            "apply_lora; m, _ = load_model_and_tokenizer('tiny'); apply_lora(m, LoraConfig(r=4)); "
+            "print('bitsandbytes' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "False", proc.stderr[-2000:]
+    assert "gemm_4bit" not in proc.stderr
