@@ -152,9 +152,12 @@ def _glue_negative_numbers(argv: list[str]) -> list[str]:
 def _flag_help(cls, f: dataclasses.Field) -> str:
     """A field's help text and default. A recipe that only changes a shared field's default (``learning_rate:
     float = 4e-3``) keeps the help written where the field was declared, in a base class."""
-    text = next((k.__dataclass_fields__[f.name].metadata.get("help") for k in cls.__mro__
-                 if f.name in getattr(k, "__dataclass_fields__", {})
-                 and k.__dataclass_fields__[f.name].metadata.get("help")), "")
+    text = ""
+    for klass in cls.__mro__:  # the subclass first; the first class whose field has help wins
+        declared = getattr(klass, "__dataclass_fields__", {}).get(f.name)
+        if declared is not None and declared.metadata.get("help"):
+            text = declared.metadata["help"]
+            break
     if "default:" in text:  # the help already says what the default means
         return text
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

@@ -3,6 +3,7 @@ the run does not use."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -26,8 +27,6 @@ def test_every_recipe_option_has_a_help_text_and_one_default(recipe, config, mon
         parse_config(cls, ["--help"])
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split("options:", 1)[1].split())  # unwrapped, after the usage
-    import dataclasses
-
     for f in dataclasses.fields(cls):
         entry = re.search(rf"--{f.name} \S+ (.*?)(?= --\w|$)", text)
         assert entry, f.name
