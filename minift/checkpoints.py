@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from minift.adapters import atomic_directory, load_adapter, save_adapter
-from minift.config import TrainConfig
 
 ADAPTER = "default"  # the trainable adapter; an init_adapter is loaded frozen as "init"
 
@@ -36,32 +35,57 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(accelerator, cfg: TrainConfig, model: nn.Module, optimizer, scheduler, state: dict) -> Path:
+def save_checkpoint(accelerator, output_dir: str | Path, weights: "Weights", optimizer, scheduler, state: dict, *,
+                    save_total_limit: int = 0) -> Path:
     """Write ``output_dir/checkpoint-<step>`` atomically: weights, optimizer, scheduler, RNG of every process,
-    and the trainer state (step, metrics, best checkpoint). Returns its path."""
+    and the trainer state (step, metrics, best checkpoint); then prune to ``save_total_limit``. Returns its path."""
     from accelerate.utils import gather_object
 
     rng_states = gather_object([_rng_state()])
-    path = Path(cfg.output_dir) / f"checkpoint-{state['step']}"
+    path = Path(output_dir) / f"checkpoint-{state['step']}"
     if accelerator.is_main_process:
         with atomic_directory(path) as tmp:
-            save_weights(model, tmp, cfg)
+            weights.save(tmp)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(rng_states, tmp / "rng.pt")
             (tmp / "trainer_state.json").write_text(json.dumps({**state, "checkpoint": str(path)}, indent=2))
-        prune_checkpoints(Path(cfg.output_dir), cfg.save_total_limit, keep=[path, state.get("best_checkpoint")])
+        prune_checkpoints(Path(output_dir), save_total_limit, keep=[path, state.get("best_checkpoint")])
     accelerator.wait_for_everyone()
     return path
 
 
-def save_weights(model: nn.Module, out_dir: Path, cfg: TrainConfig) -> None:
-    """The trainable adapter (PEFT format) in ``out_dir/adapter``, or the full model in ``out_dir/model``."""
-    if cfg.lora_r > 0:
-        save_adapter(model, out_dir / "adapter", adapter_name=ADAPTER, base_model_name_or_path=cfg.model_name_or_path,
-                     parents=[cfg.init_adapter] if cfg.init_adapter else [])
-    else:
-        model.save_pretrained(out_dir / "model")
+class Weights:
+    """What a stage trains and saves: the adapter named :data:`ADAPTER` (PEFT format, in ``<dir>/adapter``)
+    or, for a full fine-tune, the whole model (``<dir>/model``)."""
+
+    def __init__(self, model: nn.Module, *, full: bool, base_model: str, parents: list[str]):
+        self.model, self.full, self.base_model, self.parents = model, full, base_model, parents
+        self.subdir = "model" if full else "adapter"
+
+    def save(self, out_dir: Path) -> Path:
+        if self.full:
+            self.model.save_pretrained(out_dir / "model")
+        else:
+            save_adapter(self.model, out_dir / "adapter", adapter_name=ADAPTER, base_model_name_or_path=self.base_model,
+                         parents=self.parents)
+        return out_dir / self.subdir
+
+    def load(self, checkpoint: Path) -> None:
+        if not self.full:
+            load_adapter(self.model, checkpoint / "adapter", adapter_name=ADAPTER, trainable=True)
+            return
+        from safetensors.torch import load_file
+
+        state = {}
+        for file in sorted((checkpoint / "model").glob("*.safetensors")):
+            state.update(load_file(str(file)))
+        result = self.model.load_state_dict(state, strict=False)
+        loaded = {p.data_ptr() for n, p in self.model.named_parameters() if n in state}
+        missing = [k for k in result.missing_keys if self.model.get_parameter(k).data_ptr() not in loaded]  # tied
+        if result.unexpected_keys or missing:
+            raise ValueError(f"{checkpoint / 'model'} does not match the model: missing {missing[:3]}, "
+                             f"unexpected {result.unexpected_keys[:3]}")
 
 
 def prune_checkpoints(output_dir: Path, limit: int, keep: list) -> None:
@@ -90,22 +114,9 @@ def find_checkpoint(output_dir: str, spec: str) -> Path | None:
     return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
 
 
-def load_checkpoint(path: Path, accelerator, cfg: TrainConfig, model: nn.Module, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, accelerator, weights: Weights, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and this process's RNG; return the trainer state."""
-    if cfg.lora_r > 0:
-        load_adapter(model, path / "adapter", adapter_name=ADAPTER, trainable=True)
-    else:
-        from safetensors.torch import load_file
-
-        state = {}
-        for file in sorted((path / "model").glob("*.safetensors")):
-            state.update(load_file(str(file)))
-        result = model.load_state_dict(state, strict=False)
-        loaded = {p.data_ptr() for n, p in model.named_parameters() if n in state}
-        missing = [k for k in result.missing_keys if model.get_parameter(k).data_ptr() not in loaded]  # tied: fine
-        if result.unexpected_keys or missing:
-            raise ValueError(f"{path / 'model'} does not match the model: missing {missing[:3]}, "
-                             f"unexpected {result.unexpected_keys[:3]}")
+    weights.load(path)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)

@@ -39,7 +39,7 @@ def load_records(source: str | Path, split: str | None = None, *, streaming: boo
         return records
     records = list(records)
     if not records:
-        raise ValueError(f"{source} holds no records" + (f" for split {split!r}" if split else ""))
+        raise RecordError(f"{source} holds no records" + (f" for split {split!r}" if split else ""))
     return records
 
 
@@ -83,7 +83,7 @@ def _split_files(directory: Path, split: str | None) -> list[Path]:
 def _read_file(path: Path) -> Iterator[Record]:
     suffix = path.suffix.lower()
     if path.stat().st_size == 0:
-        raise ValueError(f"{path} is empty")
+        raise RecordError(f"{path} is empty")
     if suffix == ".jsonl":
         yield from _read_jsonl(path)
     elif suffix == ".json":
@@ -97,7 +97,7 @@ def _read_file(path: Path) -> Iterator[Record]:
     elif suffix == ".parquet":
         yield from _read_parquet(path)
     else:
-        raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+        raise RecordError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:

@@ -155,8 +155,30 @@ def _to_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     return _DTYPES[dtype]
 
 
-def load_model_and_tokenizer(
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
+    """The tokenizer of a model directory, hub id, or ``tiny``, with a pad token (the EOS token when it had
+    none). Loads no weights, so recipes read and check their data with it before the model loads."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"could not load a tokenizer from {name_or_path!r}: {err}. Check the path or hub id "
+            f"(and HF_TOKEN for gated models), or use 'tiny' for the built-in offline model."
+        ) from err
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer of {name_or_path} has neither a pad nor an EOS token; add one first")
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.info("tokenizer had no pad token; using the EOS token %r", tokenizer.eos_token)
+    return tokenizer
+
+
+def load_model(
     name_or_path: str,
+    tokenizer,
     *,
     dtype: str | torch.dtype | None = "float32",
     quantization: str | None = None,
@@ -164,14 +186,13 @@ def load_model_and_tokenizer(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
 ):
-    """Load a causal LM and its tokenizer from a directory, a hub id, or ``tiny``.
+    """Load a causal LM from a directory, a hub id, or ``tiny`` (its pad token id taken from ``tokenizer``).
 
     ``quantization``: None, ``"4bit"`` (NF4, double quantization; compute in ``dtype``) or
-    ``"8bit"`` (LLM.int8), via bitsandbytes. The tokenizer always has a pad token afterwards
-    (the EOS token when it had none). Gradient checkpointing uses ``use_reentrant=False`` so that
-    gradients reach adapters of a frozen base.
+    ``"8bit"`` (LLM.int8), via bitsandbytes. Gradient checkpointing uses ``use_reentrant=False`` so
+    that gradients reach adapters of a frozen base.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if quantization not in (None, "4bit", "8bit"):
         raise ValueError(f"quantization must be None, '4bit' or '8bit', got {quantization!r}")
@@ -183,24 +204,24 @@ def load_model_and_tokenizer(
     if quantization:
         kwargs["quantization_config"] = _bnb_config(quantization, torch_dtype)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
         raise FileNotFoundError(
             f"could not load a model from {name_or_path!r}: {err}. Check the path or hub id "
             f"(and HF_TOKEN for gated models), or use 'tiny' for the built-in offline model."
         ) from err
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"the tokenizer of {name_or_path} has neither a pad nor an EOS token; add one first")
-        tokenizer.pad_token = tokenizer.eos_token
-        logger.info("tokenizer had no pad token; using the EOS token %r", tokenizer.eos_token)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return model, tokenizer
+    return model
+
+
+def load_model_and_tokenizer(name_or_path: str, **options):
+    """:func:`load_tokenizer` then :func:`load_model` (same options)."""
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code=options.get("trust_remote_code", False))
+    return load_model(name_or_path, tokenizer, **options), tokenizer
 
 
 def _bnb_config(quantization: str, compute_dtype):

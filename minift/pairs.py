@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minift.lora import disable_adapters
-from minift.losses import cpo_loss, dpo_loss, orpo_loss, simpo_loss
+from minift.losses import DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
 from minift.packing import CHOSEN, collate_flat, collate_padded, pack_pairs
 from minift.rollout import generate
 from minift.train import IGNORE_INDEX
@@ -60,27 +61,49 @@ def pair_logps(logps_model: nn.Module, batch: dict) -> tuple[torch.Tensor, ...]:
     return sums[:, 0], sums[:, 1], counts[:, 0], counts[:, 1]
 
 
-def preference_loss(cfg, policy: tuple, reference: tuple | None) -> tuple[torch.Tensor, ...]:
-    """Per-pair losses and detached chosen / rejected rewards for ``cfg.loss_type`` (+ ``rpo_alpha`` NLL).
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """A pair loss by name: a DPO loss type (``sigmoid``, ``ipo``, ``hinge``, ... see
+    :data:`~minift.losses.DPO_LOSS_TYPES`) or a reference-free ``simpo`` / ``cpo`` / ``orpo``, with its
+    ``beta``, ``label_smoothing`` and SimPO's ``simpo_gamma``; ``rpo_alpha`` adds the chosen answers'
+    length-averaged NLL (RPO; CPO's alpha)."""
 
-    ``policy`` = ``pair_logps``'s four tensors; ``reference`` = (chosen, rejected) or None for the
-    reference-free losses. The chosen NLL that ``rpo_alpha`` weighs is length-averaged per pair.
-    """
-    chosen, rejected, n_chosen, n_rejected = policy
-    if cfg.loss_type == "simpo":
-        losses, r_chosen, r_rejected = simpo_loss(chosen, rejected, n_chosen, n_rejected, beta=cfg.beta,
-                                                  gamma=cfg.simpo_gamma, label_smoothing=cfg.label_smoothing)
-    elif cfg.loss_type == "cpo":
-        losses, r_chosen, r_rejected = cpo_loss(chosen, rejected, beta=cfg.beta, label_smoothing=cfg.label_smoothing)
-    elif cfg.loss_type == "orpo":
-        losses, r_chosen, r_rejected, _ = orpo_loss(chosen, rejected, n_chosen, n_rejected, beta=cfg.beta)
-    else:
-        losses, r_chosen, r_rejected = dpo_loss(chosen, rejected, *reference, beta=cfg.beta, loss_type=cfg.loss_type,
-                                                label_smoothing=cfg.label_smoothing, chosen_lengths=n_chosen,
-                                                rejected_lengths=n_rejected)
-    if cfg.rpo_alpha:
-        losses = losses + cfg.rpo_alpha * (-chosen / n_chosen)
-    return losses, r_chosen, r_rejected
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0
+    simpo_gamma: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in DPO_LOSS_TYPES + REFERENCE_FREE:
+            raise ValueError(f"loss_type must be one of {', '.join(DPO_LOSS_TYPES + REFERENCE_FREE)}; "
+                             f"got {self.loss_type!r}")
+        if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5 or self.rpo_alpha < 0:
+            raise ValueError("beta must be > 0, label_smoothing in [0, 0.5) and rpo_alpha >= 0")
+
+    @property
+    def reference_free(self) -> bool:
+        return self.loss_type in REFERENCE_FREE
+
+    def __call__(self, policy: tuple, reference: tuple | None) -> tuple[torch.Tensor, ...]:
+        """Per-pair losses and detached chosen / rejected rewards. ``policy`` = :func:`pair_logps`'s four
+        tensors; ``reference`` = (chosen, rejected) log-probs, or None for the reference-free losses."""
+        chosen, rejected, n_chosen, n_rejected = policy
+        beta, eps = self.beta, self.label_smoothing
+        if self.loss_type == "simpo":
+            losses, r_chosen, r_rejected = simpo_loss(chosen, rejected, n_chosen, n_rejected, beta=beta,
+                                                      gamma=self.simpo_gamma, label_smoothing=eps)
+        elif self.loss_type == "cpo":
+            losses, r_chosen, r_rejected = cpo_loss(chosen, rejected, beta=beta, label_smoothing=eps)
+        elif self.loss_type == "orpo":
+            losses, r_chosen, r_rejected, _ = orpo_loss(chosen, rejected, n_chosen, n_rejected, beta=beta)
+        else:
+            losses, r_chosen, r_rejected = dpo_loss(chosen, rejected, *reference, beta=beta, loss_type=self.loss_type,
+                                                    label_smoothing=eps, chosen_lengths=n_chosen,
+                                                    rejected_lengths=n_rejected)
+        if self.rpo_alpha:
+            losses = losses + self.rpo_alpha * (-chosen / n_chosen)
+        return losses, r_chosen, r_rejected
 
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -164,17 +187,19 @@ class Reference:
         self.tables = tables
 
 
-def reference_key(cfg, pairs: dict[str, list[dict]], mixed_precision: str) -> str:
-    """What the reference log-probs depend on: the tokens of every pair, the start model and the precision."""
+def reference_key(pairs: dict[str, list[dict]], *, model: str, init_adapter: str | None, dtype: str,
+                  mixed_precision: str, max_seq_length: int) -> str:
+    """What reference log-probs depend on: the tokens of every pair, the start model (base and init adapter),
+    the precision and the sequence length."""
     digest = hashlib.sha256()
     for split in sorted(pairs):
         for p in pairs[split]:
             digest.update(json.dumps([p[k] for k in sorted(p) if k != "index"]).encode())
-    init = Path(cfg.init_adapter) / "adapter_model.safetensors" if cfg.init_adapter else None
+    init = Path(init_adapter) / "adapter_model.safetensors" if init_adapter else None
     if init is not None and init.is_file():
         digest.update(hashlib.sha256(init.read_bytes()).digest())
-    return json.dumps({"data": digest.hexdigest(), "model": cfg.model_name_or_path, "dtype": cfg.dtype,
-                       "mixed_precision": mixed_precision, "max_seq_length": cfg.max_seq_length})
+    return json.dumps({"data": digest.hexdigest(), "model": model, "dtype": dtype,
+                       "mixed_precision": mixed_precision, "max_seq_length": max_seq_length})
 
 
 def greedy_matches(model: nn.Module, tokenizer, pairs: list[dict], *, max_new_tokens: int) -> tuple[float, float]:

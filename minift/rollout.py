@@ -84,3 +84,16 @@ def answer_accuracy(model: nn.Module, tokenizer, examples: list[dict], *, max_ne
                        batch_size=batch_size)
     texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
     return sum(t.strip() == e["answer"].strip() for t, e in zip(texts, examples)) / len(examples)
+
+
+def answer_eval_examples(path: str | None, tokenizer, *, max_prompt_length: int) -> list[dict]:
+    """Prompts with reference answers (any prompt record format with an ``answer``) for :func:`answer_accuracy`,
+    rendered with the chat template; none when ``path`` is None."""
+    from minift.data import load_records
+    from minift.encode import encode_prompts
+    from minift.formats import normalize_all
+
+    if not path:
+        return []
+    prompts = normalize_all(load_records(path), "prompt")
+    return encode_prompts(prompts.examples, tokenizer, max_prompt_length=max_prompt_length)[0]

@@ -27,7 +27,7 @@ from minift.checkpoints import ADAPTER
 from minift.config import ConfigError, TrainConfig, config_to_dict
 from minift.lora import LoraConfig, ModulesToSave, apply_lora, merge_lora, unwrap_lora
 from minift.losses import chunked_cross_entropy
-from minift.models import load_model_and_tokenizer
+from minift.models import load_model
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -91,11 +91,11 @@ def lora_config_from(cfg: TrainConfig) -> LoraConfig:
                       use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
 
 
-def load_for_training(cfg: TrainConfig):
-    """Base model + tokenizer, the frozen init adapter (if any) and the trainable adapter (or full fine-tune)."""
+def load_for_training(cfg: TrainConfig, tokenizer):
+    """The base model, the frozen init adapter (if any) and the trainable adapter (or a full fine-tune)."""
     quantization = "4bit" if cfg.use_4bit else "8bit" if cfg.use_8bit else None
-    model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, dtype=cfg.dtype, quantization=quantization,
-                                                gradient_checkpointing=cfg.gradient_checkpointing)
+    model = load_model(cfg.model_name_or_path, tokenizer, dtype=cfg.dtype, quantization=quantization,
+                       gradient_checkpointing=cfg.gradient_checkpointing)
     use_document_attention(model)  # sdpa -> minift_sdpa: packed documents attend without a mask
     if cfg.init_adapter:
         load_adapter(model, cfg.init_adapter, adapter_name="init", trainable=False)
@@ -109,7 +109,7 @@ def load_for_training(cfg: TrainConfig):
             merge_lora(model)
             unwrap_lora(model)
         model.requires_grad_(True)
-    return model, tokenizer
+    return model
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -130,11 +130,22 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def make_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
-    from transformers import get_scheduler
-
+    """Linear warm-up from 0, then cosine or linear decay to 0, or constant: the formulas of transformers'
+    schedules, written here because importing those pulls in peft and bitsandbytes when they are installed."""
     warmup = cfg.warmup_steps or int(math.ceil(cfg.warmup_ratio * total_steps))
-    name = "constant_with_warmup" if cfg.lr_scheduler_type == "constant" else cfg.lr_scheduler_type
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    kind = cfg.lr_scheduler_type
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ----------------------------------------------------------------------------- data order
@@ -164,10 +175,38 @@ class ShardedBatches:
         return self.collate([self.rows[i] for i in self._perm[start: start + self.per_device]])
 
 
-def total_steps(cfg: TrainConfig, batches: ShardedBatches) -> int:
+class OnlineBatches:
+    """Training data made during training, e.g. rollouts: each micro-batch's prompts are drawn as
+    :class:`ShardedBatches` draws rows, and ``make_batch(prompts, seeds)`` turns them into a model batch.
+    ``seeds[k]`` depends only on the seed and prompt k's global position in the run, so a sampler seeded
+    with it gives the same batch for any number of processes and after a resume."""
+
+    def __init__(self, prompts: list, per_device: int, num_processes: int, rank: int, seed: int, make_batch):
+        self.prompts = ShardedBatches(prompts, per_device, num_processes, rank, seed, collate=list)
+        self.per_epoch, self.seed, self.make_batch = self.prompts.per_epoch, seed, make_batch
+
+    def micro_batch(self, index: int) -> dict:
+        prompts = self.prompts.micro_batch(index)
+        first = index * self.prompts.global_batch + self.prompts.rank * self.prompts.per_device
+        seeds = [(self.seed * 1_000_003 + first + k) % 2**62 for k in range(len(prompts))]
+        return self.make_batch(prompts, seeds)
+
+
+def check_enough_rows(n_rows: int, cfg: TrainConfig, num_processes: int, what: str) -> None:
+    """Fail before the model loads when the training data cannot fill one global batch."""
+    need = cfg.per_device_train_batch_size * num_processes
+    if n_rows < need:
+        procs = f" x {num_processes} processes" if num_processes > 1 else ""
+        raise ConfigError(f"{cfg.dataset_name_or_path}: the training data makes {n_rows} {what}, fewer than one "
+                          f"batch ({cfg.per_device_train_batch_size}{procs}); lower --per_device_train_batch_size to "
+                          f"{max(1, n_rows // num_processes)} or less, or add data")
+
+
+def total_steps(cfg: TrainConfig, per_epoch: int) -> int:
+    """Optimizer steps of a run: ``max_steps``, else the epochs' micro-batches over the accumulation."""
     if cfg.max_steps > 0:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.num_train_epochs * batches.per_epoch / cfg.gradient_accumulation_steps))
+    return max(1, math.ceil(cfg.num_train_epochs * per_epoch / cfg.gradient_accumulation_steps))
 
 
 def trained_tokens(batch: dict) -> torch.Tensor:
@@ -286,14 +325,20 @@ class MetricsLog:
             self.accelerator.log(metrics, step=step)
 
 
+_PLOT_SKIPPED = []
+
+
 def plot_losses(history: list[dict], path: Path) -> Path | None:
-    """A loss-curve PNG when matplotlib is installed (an optional dependency); else None."""
+    """A loss-curve PNG when matplotlib is installed (``pip install 'minift[plot]'``); else None, said once."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        if not _PLOT_SKIPPED:
+            logger.info("loss plot skipped: matplotlib is not installed (pip install 'minift[plot]')")
+            _PLOT_SKIPPED.append(True)
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key in ("loss", "eval_loss"):
@@ -316,14 +361,30 @@ def write_run_json(cfg: TrainConfig, output_dir: str, **fields) -> Path:
     return path
 
 
-def push_to_hub(cfg: TrainConfig, folder: Path) -> str:
-    """Upload ``folder`` to ``cfg.hub_repo_id`` (token from HF_TOKEN or the login cache; never logged)."""
+def push_to_hub(folder: Path, repo_id: str, *, private: bool, message: str) -> str:
+    """Upload ``folder`` to ``repo_id`` as one commit (token from HF_TOKEN or the login cache; never logged)."""
     from huggingface_hub import HfApi
 
     api = HfApi()
-    api.create_repo(cfg.hub_repo_id, private=cfg.hub_private, exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=cfg.hub_repo_id, commit_message="Upload from minift")
-    return f"https://huggingface.co/{cfg.hub_repo_id}"
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=message)
+    return f"https://huggingface.co/{repo_id}"
+
+
+def write_model_card(folder: Path, cfg: TrainConfig, stage: str, metrics: dict) -> Path:
+    """``folder/README.md``: hub metadata (base model, library, tags), the training config and final metrics."""
+    full = (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file()
+    tags = ["minift", stage] + ([] if full else ["lora"])
+    lines = ["---", f"base_model: {cfg.model_name_or_path}", f"library_name: {'transformers' if full else 'peft'}",
+             "tags:", *[f"- {t}" for t in tags], "---", "", f"# {folder.parent.name or folder.name}: {stage}", "",
+             f"Trained with minift's `{stage}` recipe from `{cfg.model_name_or_path}`"
+             + (f" after `{cfg.init_adapter}`." if cfg.init_adapter else "."), "", "## Final metrics", "",
+             "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    lines += ["", "## Training config", "", "```json", json.dumps(config_to_dict(cfg), indent=2, default=str), "```", ""]
+    path = folder / "README.md"
+    path.write_text("\n".join(lines))
+    return path
 
 
 class Throughput:

@@ -12,7 +12,6 @@ Writes ``output_dir/sft`` and ``output_dir/dpo`` (each stage's adapter, metrics 
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +22,8 @@ from sft import SFTConfig
 from sft import main as sft
 
 from minift.adapters import combine_adapters, merge_and_save
-from minift.config import ConfigError, config_from_dict, parse_config, read_yaml
-from minift.train import close_processes
+from minift.config import ConfigError, config_from_dict, read_yaml
+from minift.stage import run_recipe
 
 
 @dataclass
@@ -34,6 +33,7 @@ class ChainConfig:
     sft_config: str | None = field(default=None, metadata={"help": "YAML of SFT options (default: the demo)"})
     dpo_config: str | None = field(default=None, metadata={"help": "YAML of DPO options (default: the demo)"})
     merge: bool = field(default=False, metadata={"help": "also write the merged model to output_dir/merged"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "replace an earlier chain's runs in output_dir"})
 
 
 def stage_config(cls, path: str | None, **fixed):
@@ -50,10 +50,9 @@ def stage_config(cls, path: str | None, **fixed):
 def main(cfg: ChainConfig) -> dict:
     out = Path(cfg.output_dir)
     # Both stage configs are read and checked before anything trains.
-    sft_cfg = stage_config(SFTConfig, cfg.sft_config, model_name_or_path=cfg.model_name_or_path,
-                           output_dir=str(out / "sft"))
-    dpo_cfg = stage_config(DPOConfig, cfg.dpo_config, model_name_or_path=cfg.model_name_or_path,
-                           output_dir=str(out / "dpo"), init_adapter=None)
+    fixed = {"model_name_or_path": cfg.model_name_or_path, "overwrite_output_dir": cfg.overwrite_output_dir}
+    sft_cfg = stage_config(SFTConfig, cfg.sft_config, output_dir=str(out / "sft"), **fixed)
+    dpo_cfg = stage_config(DPOConfig, cfg.dpo_config, output_dir=str(out / "dpo"), init_adapter=None, **fixed)
     if sft_cfg.mixed_precision != dpo_cfg.mixed_precision:
         raise ConfigError(f"mixed_precision is {sft_cfg.mixed_precision} for SFT but {dpo_cfg.mixed_precision} for "
                           f"DPO: both stages run in this one process, where Accelerate fixes it; use the same value")
@@ -89,9 +88,4 @@ def results_table(rows: list[tuple], dpo_result: dict) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_config(ChainConfig, description=__doc__.split("\n\n")[0]))
-    except (ConfigError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
-    finally:
-        close_processes()
+    run_recipe(main, ChainConfig, __doc__)

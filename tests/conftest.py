@@ -115,6 +115,17 @@ def load_recipe(name: str):
     return module
 
 
+def model_for_training(cfg):
+    """What a recipe's stage trains for ``cfg``: (model with its adapters, tokenizer with the chat template)."""
+    from minift.encode import set_chat_template
+    from minift.models import load_tokenizer
+    from minift.train import load_for_training
+
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    set_chat_template(tokenizer, getattr(cfg, "chat_template", None))
+    return load_for_training(cfg, tokenizer), tokenizer
+
+
 def reset_accelerate() -> None:
     """Forget Accelerate's process-wide state so the next ``main`` builds a fresh Accelerator."""
     from accelerate.state import AcceleratorState

@@ -92,15 +92,15 @@ def test_dpo_step_gradients_equal_the_formula_by_autograd(dpo, pairs48, tmp_path
     chunked LM-head log-probs, dpo_loss, mean over pairs) gives the same adapter gradients as autograd
     through the textbook formula: each answer run alone, full log_softmax in float64,
     ``-log sigmoid(beta * ((pc - rc) - (pr - rr)))`` (IPO: ``((pc - rc)/nc - (pr - rr)/nr - 1/(2 beta))^2``)."""
-    from minift.encode import set_chat_template
+    from conftest import model_for_training
+
     from minift.lora import disable_adapters
-    from minift.pairs import Reference, collate_pairs, pair_logps, preference_loss
+    from minift.pairs import Reference, collate_pairs, pair_logps
     from minift.rollout import SequenceLogprobs
-    from minift.train import ADAPTER, load_for_training
+    from minift.train import ADAPTER
 
     cfg = cfg_for(dpo, pairs48, tmp_path, loss_type=loss_type, beta=0.5, packing=packing)
-    model, tokenizer = load_for_training(cfg)
-    set_chat_template(tokenizer, None)
+    model, tokenizer = model_for_training(cfg)
     torch.manual_seed(0)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B = 0 at init would make every gradient but B's zero
@@ -111,7 +111,7 @@ def test_dpo_step_gradients_equal_the_formula_by_autograd(dpo, pairs48, tmp_path
         assert batch["input_ids"].shape[0] < 10  # the 10 answers really share rows
     logps_model = SequenceLogprobs(model)
     ref = Reference(logps_model, ADAPTER)(batch, "train")
-    losses, _, _ = preference_loss(cfg, pair_logps(logps_model, batch), ref)
+    losses, _, _ = dpo.make_loss(cfg)(pair_logps(logps_model, batch), ref)
     params = [p for p in model.parameters() if p.requires_grad]
     ours = torch.autograd.grad(losses.mean(), params)
 
@@ -158,7 +158,7 @@ def test_precomputed_reference_equals_the_disabled_adapter_and_is_reused(dpo, pa
 
         reset_accelerate()
         dpo.main(cfg_for(dpo, pairs48, tmp_path / "pre", max_steps=5, init_adapter=str(sft_adapter),
-                         precompute_ref_log_probs=True))
+                         precompute_ref_log_probs=True, overwrite_output_dir=True))
     assert "reusing reference log-probs" in caplog.text
 
 
@@ -272,12 +272,12 @@ def test_demo_chain_learns_and_combines(demo_chain, tiny_dir):
 
     out, result, printed = demo_chain
     d = result["dpo"]
-    assert d["eval_rewards/accuracies"] >= 0.9, d  # 92.5% of 200 held-out pairs measured
-    # rewards = beta * (policy - reference) log-probs: rejected answers lose > 2 nats on average (beta 0.5),
-    # chosen ones < 0.5 nats.
+    assert d["eval_rewards/accuracies"] >= 0.9, d  # 94.5% of 200 held-out pairs measured
+    # rewards = beta * (policy - reference) log-probs: rejected answers lose > 1 nat on average (2.9 measured
+    # at beta 1), chosen ones < 0.25 nats.
     assert d["eval_rewards/rejected"] < -1.0 and d["eval_rewards/chosen"] > -0.25, d
     # Greedy answers keep SFT's skill: on the 100 demo eval prompts SFT's ~95% is near the tiny model's limit
-    # (its misses are 4-word lists) and DPO keeps it (94% measured). DPO on preference data whose wrong answers
+    # (its misses are 4-word lists) and DPO keeps it (94% measured; 91% at beta 0.5 on an AVX2 CPU). DPO on preference data whose wrong answers
     # were shorter more often than longer learned "longer is better" and fell from 93% to 86% (last words
     # repeated): this bound catches that. On held-out pairs greedy answers stay on the chosen side.
     assert d["answer_accuracy_before"] >= 0.9 and d["answer_accuracy"] >= d["answer_accuracy_before"] - 0.02, d

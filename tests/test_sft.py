@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_adapter, load_recipe, reset_accelerate
+from conftest import assert_same_adapter, load_recipe, model_for_training, reset_accelerate
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,17 +87,12 @@ def test_accumulation_weights_every_token_equally(sft, data64, tmp_path, in_proc
     The micro-batches hold different numbers of trained tokens, so averaging per-micro-batch means
     (what ``loss / accum`` does) weights tokens unequally; the check below shows that this would
     move the gradient by far more than the tolerance, so the end-to-end comparison has teeth."""
-    from minift.train import (
-        CausalLMLoss,
-        ShardedBatches,
-        load_for_training,
-        trained_tokens,
-    )
+    from minift.train import CausalLMLoss, ShardedBatches, trained_tokens
 
     # The data really is uneven, and the naive average really is different.
     cfg = base_cfg(sft, data64, tmp_path / "probe")
     torch.manual_seed(cfg.seed)  # the LoRA init (the fixture restores the RNG)
-    model, tokenizer = load_for_training(cfg)
+    model, tokenizer = model_for_training(cfg)
     rows, _, collate, _ = sft.build_data(cfg, tokenizer)
     small, big = (ShardedBatches(rows, n, 1, 0, cfg.seed, collate) for n in (2, 8))
     window = [small.micro_batch(i) for i in range(4)]
@@ -214,15 +209,17 @@ def test_two_processes_equal_one_with_twice_the_batch(data64, tmp_path, tiny_dir
 
 
 def spy_on_model(sft, monkeypatch) -> dict:
-    """Make ``main`` hand over the model and tokenizer it trains (filled in when it loads them)."""
+    """Make ``main`` hand over the model and tokenizer it trains (filled in when its stage loads them)."""
+    import minift.stage
+
     seen = {}
-    load = sft.load_for_training
+    load = minift.stage.load_for_training
 
-    def spying(cfg):
-        seen["model"], seen["tokenizer"] = load(cfg)
-        return seen["model"], seen["tokenizer"]
+    def spying(cfg, tokenizer):
+        seen["model"], seen["tokenizer"] = load(cfg, tokenizer), tokenizer
+        return seen["model"]
 
-    monkeypatch.setattr(sft, "load_for_training", spying)
+    monkeypatch.setattr(minift.stage, "load_for_training", spying)
     return seen
 
 
@@ -244,14 +241,16 @@ def test_qlora_trains_on_a_4bit_base(sft, data64, tmp_path, in_process, monkeypa
     cfg = base_cfg(sft, data64, tmp_path, use_4bit=True, per_device_train_batch_size=4, max_steps=8)
     seen = spy_on_model(sft, monkeypatch)
     before = {}
-    load = sft.load_for_training
+    import minift.stage
 
-    def measure_before(c):  # B = 0 at init, so this is the 4-bit base model's loss
-        model, tokenizer = load(c)
+    load = minift.stage.load_for_training
+
+    def measure_before(c, tokenizer):  # B = 0 at init, so this is the 4-bit base model's loss
+        model = load(c, tokenizer)
         before["loss"] = fixed_batch_loss(sft, c, model, tokenizer)
-        return model, tokenizer
+        return model
 
-    monkeypatch.setattr(sft, "load_for_training", measure_before)
+    monkeypatch.setattr(minift.stage, "load_for_training", measure_before)
     result = sft.main(cfg)
     model, tokenizer = seen["model"], seen["tokenizer"]
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 14  # 7 projections x 2 layers
@@ -346,7 +345,8 @@ def test_config_errors_exit_cleanly_before_loading_a_model(data64, tmp_path, tin
     procs = {name: subprocess.Popen([sys.executable, str(SFT), *map(str, out + cases[name][0])], cwd=tmp_path,
                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name in ("yaml key", "negative lr", "missing file")}
-    target = run_sft(*out, "--target_modules", "foo_proj,bar", "--max_steps", "1", check=False)
+    target = run_sft(*out, "--target_modules", "foo_proj,bar", "--max_steps", "1", "--per_device_train_batch_size", "2",
+                     check=False)
     for name, proc in procs.items():
         _, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 1 and "Traceback" not in stderr, (name, stderr)
@@ -368,7 +368,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sft, data64, tmp_path
     """A loss that turns NaN at step 5 stops the run with a message naming step 5 and checkpoint-4;
     nothing NaN is saved (no checkpoint-5/6, no final adapter) and checkpoint-4 loads and is finite."""
     from minift.adapters import load_adapter
-    from minift.train import ADAPTER, CausalLMLoss, load_for_training
+    from minift.train import ADAPTER, CausalLMLoss
 
     forward, calls = CausalLMLoss.forward, []
 
@@ -387,7 +387,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sft, data64, tmp_path
     assert not (tmp_path / "adapter").exists()
     assert json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())["step"] == 4
     monkeypatch.undo()
-    model, _ = load_for_training(cfg)
+    model, _ = model_for_training(cfg)
     load_adapter(model, tmp_path / "checkpoint-4" / "adapter", adapter_name=ADAPTER, trainable=True)
     weights = adapter(tmp_path / "checkpoint-4")
     assert all(torch.isfinite(t).all() for t in weights.values())
@@ -402,14 +402,16 @@ def test_pruning_keeps_the_newest_and_the_best(sft, data64, tmp_path, in_process
     after every save the newest and the best checkpoint exist, at most 2 remain, oldest go first."""
     eval_losses = iter([3.0, 1.0, 2.0, 1.5, 0.5, 1.1])  # steps 2, 4, ..., 12
     monkeypatch.setattr(sft, "evaluate", lambda *a: {"eval_loss": next(eval_losses)})
-    listings, save = [], sft.save_checkpoint
+    import minift.stage
 
-    def recording(accelerator, cfg, model, optimizer, scheduler, state):
-        path = save(accelerator, cfg, model, optimizer, scheduler, state)
+    listings, save = [], minift.stage.save_checkpoint
+
+    def recording(accelerator, output_dir, weights, optimizer, scheduler, state, **options):
+        path = save(accelerator, output_dir, weights, optimizer, scheduler, state, **options)
         listings.append((state["step"], sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("checkpoint-*"))))
         return path
 
-    monkeypatch.setattr(sft, "save_checkpoint", recording)
+    monkeypatch.setattr(minift.stage, "save_checkpoint", recording)
     cfg = base_cfg(sft, data64, tmp_path, max_steps=12, save_steps=2, eval_steps=2, save_total_limit=2,
                    validation_split=0.1)
     sft.main(cfg)

@@ -119,7 +119,7 @@ def run_minift(side: str, args: argparse.Namespace) -> dict:
     """One minift side: warm-up steps, then ``args.steps`` timed ones; times, tokens, losses, memory."""
     from minift.checkpoints import ADAPTER
     from minift.packing import collate_flat, pack_examples
-    from minift.pairs import Reference, collate_pairs, pair_logps, preference_loss
+    from minift.pairs import PreferenceLoss, Reference, collate_pairs, pair_logps
     from minift.rollout import SequenceLogprobs
 
     steps = step_batches(args)
@@ -127,7 +127,7 @@ def run_minift(side: str, args: argparse.Namespace) -> dict:
     model, params, optimizer = sft.model, sft.params, sft.optimizer
     logps_model = SequenceLogprobs(model)
     reference = Reference(logps_model, ADAPTER)
-    cfg = argparse.Namespace(loss_type="sigmoid", beta=BETA, label_smoothing=0.0, rpo_alpha=0.0, simpo_gamma=0.0)
+    loss_fn = PreferenceLoss("sigmoid", beta=BETA)
 
     def collate(batch_pairs: list[dict]) -> dict:
         return collate_pairs(batch_pairs, PAD, packing=side != "padded", max_seq_length=ROW)
@@ -157,7 +157,7 @@ def run_minift(side: str, args: argparse.Namespace) -> dict:
         with autocast():
             ref = reference(batch, "train")  # no grad; a table lookup when precomputed
             policy = pair_logps(logps_model, batch)  # chosen and rejected in one forward
-            losses, _, _ = preference_loss(cfg, policy, ref)
+            losses, _, _ = loss_fn(policy, ref)
         loss = losses.sum() / len(batch_pairs)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)

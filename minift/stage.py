@@ -1,0 +1,253 @@
+"""The stage: everything around a recipe's own training step, one call each.
+
+    stage = Stage(cfg, "sft")                      # output dir check, Accelerator, logging, seed
+    tokenizer = stage.load_tokenizer()             # data is read and checked with it before weights load
+    model = stage.load_model()                     # base + frozen init adapter + trainable adapter
+    wrapper = stage.prepare(CausalLMLoss(model), ShardedBatches(...), evaluate=...)
+    if stage.resume() == 0:                        # checkpoint, RNG and data position, when resuming
+        stage.state["before"] = {...}              # metrics before training (kept across resumes)
+    for window in stage.steps():                   # the micro-batches of each optimizer step
+        ...forward, loss, backward: the recipe's own...
+        stage.update(loss, {"loss": loss}, units=n_tokens)   # NaN check, clip, step, log, eval, checkpoint
+    stage.finish(result, data=report)              # adapter / model, merge, hub, plot, run.json, summary
+
+Everything here works the same with one process or many (``accelerate launch``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from minift.adapters import merge_and_save
+from minift.checkpoints import ADAPTER, Weights, find_checkpoint, load_checkpoint, save_checkpoint
+from minift.config import ConfigError, TrainConfig, parse_config
+from minift.data import RecordError
+from minift.encode import set_chat_template
+from minift.models import load_tokenizer
+from minift.train import (
+    MetricsLog,
+    Throughput,
+    close_processes,
+    end_stage,
+    load_for_training,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    plot_losses,
+    push_to_hub,
+    total_steps,
+    write_model_card,
+    write_run_json,
+)
+
+logger = logging.getLogger(__name__)
+RUN_OUTPUTS = ("metrics.jsonl", "run.json", "loss.png", "adapter", "model", "merged")
+
+
+def check_output_dir(cfg: TrainConfig, is_main: bool) -> None:
+    """Refuse to train into a directory holding an earlier run unless resuming it or told to overwrite it
+    (then its checkpoints and logs are deleted; other files, such as cached reference log-probs, stay)."""
+    out = Path(cfg.output_dir)
+    earlier = sorted(p.name for p in out.glob("*") if p.name in RUN_OUTPUTS or p.name.startswith(
+        ("checkpoint-", ".checkpoint-"))) if out.is_dir() else []
+    if not earlier or cfg.resume_from_checkpoint:
+        return
+    if not cfg.overwrite_output_dir:
+        raise ConfigError(f"output_dir {out} holds an earlier run ({', '.join(earlier[:4])}); pass "
+                          f"--resume_from_checkpoint auto to continue it, --overwrite_output_dir true to replace "
+                          f"it, or another --output_dir")
+    if is_main:
+        for name in earlier:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        logger.info("overwrite_output_dir: removed the earlier run's %s from %s", ", ".join(earlier), out)
+
+
+class Stage:
+    """One training stage: set-up, the optimizer loop's bookkeeping, and the finish. See the module doc."""
+
+    def __init__(self, cfg: TrainConfig, name: str, *, unit: str = "tokens"):
+        self.cfg, self.name, self.unit, self.started = cfg, name, unit, time.time()
+        self.accelerator = make_accelerator(cfg)
+        logging.basicConfig(level=logging.INFO if self.accelerator.is_main_process else logging.WARNING,
+                            format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        check_output_dir(cfg, self.accelerator.is_main_process)
+        self.accelerator.wait_for_everyone()
+        self.out = Path(cfg.output_dir)
+        self.state = {"step": 0, "best_eval_loss": None, "best_checkpoint": None, "bad_evals": 0, "before": {}}
+        self.tokenizer = self.model = self.weights = None
+        self.last_record: dict = {}
+        self.eval_result: dict = {}
+        self._stop = False
+
+    # ------------------------------------------------------------------ set-up
+
+    def load_tokenizer(self):
+        """The base model's tokenizer (and the config's chat template, if it names one). No weights load."""
+        self.tokenizer = load_tokenizer(self.cfg.model_name_or_path)
+        set_chat_template(self.tokenizer, getattr(self.cfg, "chat_template", None))
+        return self.tokenizer
+
+    def load_model(self):
+        """Base model, the frozen init adapter (if any), and the trainable adapter (or every weight)."""
+        self.model = load_for_training(self.cfg, self.tokenizer)
+        parents = [self.cfg.init_adapter] if self.cfg.init_adapter else []
+        self.weights = Weights(self.model, full=self.cfg.lora_r == 0, base_model=self.cfg.model_name_or_path,
+                               parents=parents)
+        return self.model
+
+    @property
+    def adapter_name(self) -> str | None:
+        """The trainable adapter's name; None for a full fine-tune."""
+        return None if self.weights.full else ADAPTER
+
+    def prepare(self, wrapper, batches, *, evaluate=None):
+        """Optimizer and schedule for the trainable weights; ``wrapper`` (the module whose forward DDP watches)
+        prepared for the launcher. ``batches``: anything with ``per_epoch`` and ``micro_batch(index)``
+        (:class:`~minift.train.ShardedBatches`, :class:`~minift.train.OnlineBatches`). ``evaluate(wrapper)``
+        returns metrics with ``eval_loss``; it runs every ``eval_steps`` and at the end."""
+        cfg = self.cfg
+        optimizer = make_optimizer(cfg, self.model)
+        self.wrapper, self.optimizer = self.accelerator.prepare(wrapper, optimizer)
+        self.batches, self.evaluate = batches, evaluate
+        self.total = total_steps(cfg, batches.per_epoch)
+        self.scheduler = make_scheduler(cfg, self.optimizer, self.total)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        return self.wrapper
+
+    def resume(self) -> int:
+        """Restore the newest (or the given) checkpoint when ``resume_from_checkpoint`` is set; start the
+        metrics log and trackers. Returns the step training continues from (0: a fresh run)."""
+        cfg = self.cfg
+        checkpoint = find_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
+        if checkpoint:
+            self.state = {"before": {}, **load_checkpoint(checkpoint, self.accelerator, self.weights, self.optimizer,
+                                                          self.scheduler)}
+            logger.info("resumed from %s at step %d", checkpoint, self.state["step"])
+        self.metrics = MetricsLog(self.accelerator, cfg.output_dir, resume_step=self.state["step"])
+        if cfg.report_to != "none":
+            self.accelerator.init_trackers(f"minift-{self.name}", config={k: str(v) for k, v in vars(cfg).items()})
+        return self.state["step"]
+
+    # ------------------------------------------------------------------ the loop
+
+    def steps(self):
+        """Yield each remaining optimizer step's window: its ``gradient_accumulation_steps`` micro-batches,
+        on the device. The recipe calls :meth:`update` once per window; early stopping ends the loop."""
+        accum, device = self.cfg.gradient_accumulation_steps, self.accelerator.device
+        self.bar = tqdm(total=self.total, initial=self.state["step"], desc=self.name,
+                        disable=not self.accelerator.is_main_process)
+        self.speed = Throughput()
+        self.wrapper.train()
+        for step in range(self.state["step"] + 1, self.total + 1):
+            window = [{k: v.to(device) for k, v in self.batches.micro_batch(m).items()}
+                      for m in range((step - 1) * accum, step * accum)]
+            yield window
+            if self.state["step"] != step:
+                raise RuntimeError(f"step {step}: call stage.update(...) once per window of stage.steps()")
+            if self._stop:
+                break
+        self.bar.close()
+
+    def update(self, loss: float, record: dict, *, units: float) -> None:
+        """After the recipe's backward: check the loss, clip, step the optimizer and schedule, log
+        ``record`` (plus lr, ``<unit>_per_s``, epoch, grad_norm), evaluate, checkpoint, early stopping."""
+        cfg, state = self.cfg, self.state
+        step = state["step"] + 1
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss} at step {step}; stopping. The last good checkpoint is "
+                f"{find_checkpoint(cfg.output_dir, 'auto') or 'none (none was saved yet)'}. Lower the learning "
+                f"rate or check the data.")
+        grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state["step"], self.last_record = step, record
+        self.speed.add(units)
+        self.bar.update(1)
+        if cfg.logging_steps and (step % cfg.logging_steps == 0 or step == self.total):
+            logged = {**record, "lr": self.scheduler.get_last_lr()[0], f"{self.unit}_per_s": self.speed.rate(),
+                      "epoch": step * cfg.gradient_accumulation_steps / self.batches.per_epoch}
+            if grad_norm is not None:
+                logged["grad_norm"] = float(grad_norm)
+            self.metrics.log(logged, step)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{logged['lr']:.2e}")
+        improved = False
+        if self.evaluate and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == self.total):
+            self.eval_result = self.evaluate(self.wrapper)
+            self.metrics.log(self.eval_result, step)
+            best = state["best_eval_loss"]
+            improved = best is None or self.eval_result["eval_loss"] < best
+            state["bad_evals"] = 0 if improved else state["bad_evals"] + 1
+            if improved:
+                state["best_eval_loss"] = self.eval_result["eval_loss"]
+        self._stop = bool(cfg.early_stopping_patience and state["bad_evals"] >= cfg.early_stopping_patience)
+        if cfg.save_steps and (step % cfg.save_steps == 0 or improved or self._stop):
+            if improved:
+                state["best_checkpoint"] = str(self.out / f"checkpoint-{step}")
+            save_checkpoint(self.accelerator, self.out, self.weights, self.optimizer, self.scheduler, state,
+                            save_total_limit=cfg.save_total_limit)
+        if self._stop:
+            logger.info("early stopping at step %d: no eval improvement in %d evaluations", step, state["bad_evals"])
+
+    # ------------------------------------------------------------------ the end
+
+    def finish(self, metrics: dict, *, data: dict | None = None, after=None) -> dict:
+        """Save the adapter (or model, with its tokenizer), then ``after(result)`` (the recipe's final
+        generation metrics, main process), merge, hub push, loss plot, model card, ``run.json`` and a
+        summary. Returns the result: step, train and eval metrics, the metrics before training, ``metrics``."""
+        cfg = self.cfg
+        result = {"step": self.state["step"], "train_loss": self.last_record.get("loss"), **self.eval_result,
+                  **self.state["before"], **metrics}
+        if self.accelerator.is_main_process:
+            saved = self.weights.save(self.out)
+            if self.weights.full:  # a full fine-tune is a whole model directory: keep its tokenizer with it
+                self.tokenizer.save_pretrained(saved)
+            if after:
+                result.update(after(result))
+            chain = self.weights.parents
+            merged = merge_and_save(cfg.model_name_or_path, chain + [str(saved)], self.out / "merged") \
+                if cfg.merge_output and not self.weights.full else None
+            write_model_card(saved, cfg, self.name, result)
+            if merged:
+                write_model_card(merged, cfg, self.name, result)
+            hub_url = push_to_hub(saved if cfg.push_adapter_only or merged is None else merged, cfg.hub_repo_id,
+                                  private=cfg.hub_private, message=cfg.hub_commit_message) if cfg.push_to_hub else None
+            plot = plot_losses(self.metrics.history, self.out / "loss.png")
+            seconds = round(time.time() - self.started, 2)
+            run = write_run_json(cfg, cfg.output_dir, stage=self.name, adapter=str(saved), parents=chain,
+                                 merged=merged, hub_url=hub_url, loss_plot=plot, metrics=result, data=data or {},
+                                 best_checkpoint=self.state["best_checkpoint"], seconds=seconds)
+            logger.info("%s", self.summary(result, saved, merged, run, seconds))
+        end_stage(self.accelerator)
+        return result
+
+    def summary(self, result: dict, saved: Path, merged, run: Path, seconds: float) -> str:
+        shown = {k: v for k, v in result.items() if isinstance(v, float) and (
+            k in ("train_loss", "eval_loss") or "accura" in k or "greedy" in k)}
+        lines = [f"{self.name} done: {result['step']} steps in {seconds:.0f} s"]
+        lines += [f"  {k}: {v:.4f}" for k, v in shown.items()]
+        lines.append(f"  {'model' if self.weights.full else 'adapter'}: {saved}")
+        if merged:
+            lines.append(f"  merged model: {merged}")
+        lines.append(f"  run record: {run}")
+        return "\n".join(lines)
+
+
+def run_recipe(main, config_class, doc: str) -> None:
+    """A recipe script's ``__main__``: config from flags and YAML, ``main(config)``, and any config or data
+    mistake printed as one ``error:`` line (exit status 1) instead of a traceback."""
+    try:
+        main(parse_config(config_class, description=doc.split("\n\n")[0]))
+    except (ConfigError, FileNotFoundError, RecordError) as err:
+        sys.exit(f"error: {err}")
+    finally:
+        close_processes()
