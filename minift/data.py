@@ -199,3 +199,12 @@ def split_records(records: list, validation_split: float, seed: int) -> tuple[li
     val = sorted(order[:n_val])
     train = sorted(order[n_val:])
     return [records[i] for i in train], [records[i] for i in val]
+
+
+def train_eval_records(dataset: str, eval_dataset: str | None, validation_split: float, seed: int) -> dict[str, list]:
+    """``{"train": ..., "eval": ...}``: ``eval_dataset`` when given (a file, or a directory's validation
+    files), else a deterministic ``validation_split`` share of ``dataset``."""
+    records = load_records(dataset, "train")
+    if eval_dataset:
+        return {"train": records, "eval": load_records(eval_dataset, "validation")}
+    return dict(zip(("train", "eval"), split_records(records, validation_split, seed)))

@@ -97,3 +97,10 @@ def answer_eval_examples(path: str | None, tokenizer, *, max_prompt_length: int)
         return []
     prompts = normalize_all(load_records(path), "prompt")
     return encode_prompts(prompts.examples, tokenizer, max_prompt_length=max_prompt_length)[0]
+
+
+def answer_metrics(model: nn.Module, tokenizer, examples: list[dict], *, max_new_tokens: int, suffix: str = "") -> dict:
+    """``{"answer_accuracy" + suffix: greedy exact match}`` on ``examples``; empty when there are none."""
+    if not examples:
+        return {}
+    return {"answer_accuracy" + suffix: answer_accuracy(model, tokenizer, examples, max_new_tokens=max_new_tokens)}

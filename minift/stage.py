@@ -5,7 +5,7 @@
     model = stage.load_model()                     # base + frozen init adapter + trainable adapter
     wrapper = stage.prepare(CausalLMLoss(model), ShardedBatches(...), evaluate=...)
     if stage.resume() == 0:                        # checkpoint, RNG and data position, when resuming
-        stage.state["before"] = {...}              # metrics before training (kept across resumes)
+        stage.state["before"].update(...)          # metrics before training (kept across resumes)
     for window in stage.steps():                   # the micro-batches of each optimizer step
         ...forward, loss, backward: the recipe's own...
         stage.update(loss, {"loss": loss}, units=n_tokens)   # NaN check, clip, step, log, eval, checkpoint
@@ -31,9 +31,13 @@ from minift.config import ConfigError, TrainConfig, parse_config
 from minift.data import RecordError
 from minift.encode import set_chat_template
 from minift.models import load_tokenizer
+from minift.rollout import answer_eval_examples, answer_metrics
 from minift.train import (
     MetricsLog,
+    OnlineBatches,
+    ShardedBatches,
     Throughput,
+    check_enough_rows,
     close_processes,
     end_stage,
     load_for_training,
@@ -93,7 +97,16 @@ class Stage:
         """The base model's tokenizer (and the config's chat template, if it names one). No weights load."""
         self.tokenizer = load_tokenizer(self.cfg.model_name_or_path)
         set_chat_template(self.tokenizer, getattr(self.cfg, "chat_template", None))
+        # A recipe with a data section may name prompts with reference answers: greedy exact match on them
+        # is measured before training (kept in checkpoints) and after.
+        self.answer_examples = answer_eval_examples(getattr(self.cfg, "answer_eval_dataset", None), self.tokenizer,
+                                                    max_prompt_length=getattr(self.cfg, "max_seq_length", 0))
         return self.tokenizer
+
+    def answer_metrics(self, suffix: str = "") -> dict:
+        """Greedy exact match on the configured answer eval set (``{}`` when there is none)."""
+        return answer_metrics(self.model, self.tokenizer, self.answer_examples,
+                              max_new_tokens=getattr(self.cfg, "max_new_tokens", 16), suffix=suffix)
 
     def load_model(self):
         """Base model, the frozen init adapter (if any), and the trainable adapter (or every weight)."""
@@ -102,6 +115,19 @@ class Stage:
         self.weights = Weights(self.model, full=self.cfg.lora_r == 0, base_model=self.cfg.model_name_or_path,
                                parents=parents)
         return self.model
+
+    def fixed_batches(self, rows: list, collate, *, what: str = "rows") -> ShardedBatches:
+        """This process's deterministic micro-batches of ``rows`` (see :class:`~minift.train.ShardedBatches`).
+        Called before :meth:`load_model`, too few rows for one global batch fail before any weights load."""
+        check_enough_rows(len(rows), self.cfg, self.accelerator.num_processes, what)
+        return ShardedBatches(rows, self.cfg.per_device_train_batch_size, self.accelerator.num_processes,
+                              self.accelerator.process_index, self.cfg.seed, collate)
+
+    def online_batches(self, prompts: list, make_batch, *, what: str = "prompts") -> OnlineBatches:
+        """Micro-batches made during training from ``prompts`` (see :class:`~minift.train.OnlineBatches`)."""
+        check_enough_rows(len(prompts), self.cfg, self.accelerator.num_processes, what)
+        return OnlineBatches(prompts, self.cfg.per_device_train_batch_size, self.accelerator.num_processes,
+                             self.accelerator.process_index, self.cfg.seed, make_batch)
 
     @property
     def adapter_name(self) -> str | None:
@@ -131,6 +157,8 @@ class Stage:
             self.state = {"before": {}, **load_checkpoint(checkpoint, self.accelerator, self.weights, self.optimizer,
                                                           self.scheduler)}
             logger.info("resumed from %s at step %d", checkpoint, self.state["step"])
+        elif self.accelerator.is_main_process:
+            self.state["before"].update(self.answer_metrics(suffix="_before"))
         self.metrics = MetricsLog(self.accelerator, cfg.output_dir, resume_step=self.state["step"])
         if cfg.report_to != "none":
             self.accelerator.init_trackers(f"minift-{self.name}", config={k: str(v) for k, v in vars(cfg).items()})
@@ -211,6 +239,7 @@ class Stage:
             saved = self.weights.save(self.out)
             if self.weights.full:  # a full fine-tune is a whole model directory: keep its tokenizer with it
                 self.tokenizer.save_pretrained(saved)
+            result.update(self.answer_metrics())
             if after:
                 result.update(after(result))
             chain = self.weights.parents

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from minift.config import DataSection, TrainConfig
-from minift.data import load_records, split_records
+from minift.data import train_eval_records
 from minift.encode import encode_preferences
 from minift.formats import normalize_all
 from minift.lora import disable_adapters
@@ -36,9 +36,8 @@ from minift.pairs import (
     pair_logps,
     reference_key,
 )
-from minift.rollout import SequenceLogprobs, answer_accuracy, answer_eval_examples
+from minift.rollout import SequenceLogprobs
 from minift.stage import Stage, run_recipe
-from minift.train import ShardedBatches, check_enough_rows
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -74,11 +73,7 @@ def make_loss(cfg: DPOConfig) -> PreferenceLoss:
 
 def build_pairs(cfg: DPOConfig, tokenizer) -> tuple[dict[str, list[dict]], dict]:
     """Records -> preference pairs -> tokens with answer-only labels, each pair tagged with its index."""
-    records = load_records(cfg.dataset_name_or_path, "train")
-    if cfg.eval_dataset:
-        splits = {"train": records, "eval": load_records(cfg.eval_dataset, "validation")}
-    else:
-        splits = dict(zip(("train", "eval"), split_records(records, cfg.validation_split, cfg.seed)))
+    splits = train_eval_records(cfg.dataset_name_or_path, cfg.eval_dataset, cfg.validation_split, cfg.seed)
     pairs, report = {}, {}
     for split, recs in splits.items():
         norm = normalize_all(recs, "preference", fmt=cfg.dataset_format, skip_invalid=cfg.skip_invalid) if recs else None
@@ -106,16 +101,12 @@ def evaluate_pairs(accelerator, logps_model, reference, loss: PreferenceLoss, ba
     return mean_metrics(accelerator.reduce(sums.to(accelerator.device), "sum").cpu(), prefix)
 
 
-def generation_metrics(cfg: DPOConfig, model, tokenizer, answer_examples, eval_pairs, suffix: str = "") -> dict:
-    """Greedy generation: exact match on the answer eval set, and how often held-out pairs get their chosen
-    (or rejected) answer word for word."""
-    out = {}
-    if answer_examples:
-        out["answer_accuracy"] = answer_accuracy(model, tokenizer, answer_examples, max_new_tokens=cfg.max_new_tokens)
-    if eval_pairs:
-        out["greedy_matches_chosen"], out["greedy_matches_rejected"] = greedy_matches(
-            model, tokenizer, eval_pairs, max_new_tokens=cfg.max_new_tokens)
-    return {k + suffix: v for k, v in out.items()}
+def greedy_pair_metrics(cfg: DPOConfig, model, tokenizer, eval_pairs, suffix: str = "") -> dict:
+    """How often held-out pairs get their chosen (or rejected) answer word for word from greedy generation."""
+    if not eval_pairs:
+        return {}
+    chosen, rejected = greedy_matches(model, tokenizer, eval_pairs, max_new_tokens=cfg.max_new_tokens)
+    return {"greedy_matches_chosen" + suffix: chosen, "greedy_matches_rejected" + suffix: rejected}
 
 
 def dpo_step(accelerator, logps_model, reference, loss: PreferenceLoss, window: list[dict], pairs_per_step: int):
@@ -138,19 +129,16 @@ def main(cfg: DPOConfig) -> dict:
     stage = Stage(cfg, "dpo", unit="pairs")
     accelerator, tokenizer, loss = stage.accelerator, stage.load_tokenizer(), make_loss(cfg)
     pairs, data_report = build_pairs(cfg, tokenizer)  # data errors before weights load
-    answer_examples = answer_eval_examples(cfg.answer_eval_dataset, tokenizer, max_prompt_length=cfg.max_seq_length)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    check_enough_rows(len(pairs["train"]), cfg, world, "pairs")
-    model = stage.load_model()
-
     collate = partial(collate_pairs, pad_token_id=tokenizer.pad_token_id, packing=cfg.packing,
                       max_seq_length=cfg.max_seq_length)
+    batches = stage.fixed_batches(pairs["train"], collate, what="pairs")
+    model = stage.load_model()
+
     logps_model = SequenceLogprobs(model)
     reference = Reference(logps_model, stage.adapter_name)
-    batches = ShardedBatches(pairs["train"], cfg.per_device_train_batch_size, world, rank, cfg.seed, collate)
-    chunk = cfg.per_device_eval_batch_size
+    chunk, world = cfg.per_device_eval_batch_size, accelerator.num_processes
     eval_pairs = [pairs["eval"][i: i + chunk] for i in range(0, len(pairs["eval"]), chunk)]
-    eval_batches = [collate(b) for b in eval_pairs[rank::world]]
+    eval_batches = [collate(b) for b in eval_pairs[accelerator.process_index::world]]
     evaluate = partial(evaluate_pairs, accelerator, logps_model, reference, loss, eval_batches)
     logps_model = stage.prepare(logps_model, batches, evaluate=(lambda _: evaluate()) if eval_batches else None)
     if not loss.reference_free and (cfg.precompute_ref_log_probs or cfg.lora_r == 0):
@@ -169,7 +157,7 @@ def main(cfg: DPOConfig) -> dict:
             with disable_adapters(model):
                 before["preference_accuracy_base"] = evaluate()["eval_logps/accuracies"]
         if accelerator.is_main_process:
-            before.update(generation_metrics(cfg, model, tokenizer, answer_examples, pairs["eval"], "_before"))
+            before.update(greedy_pair_metrics(cfg, model, tokenizer, pairs["eval"], "_before"))
 
     pairs_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     for window in stage.steps():
@@ -178,7 +166,7 @@ def main(cfg: DPOConfig) -> dict:
 
     def final_metrics(result: dict) -> dict:
         extra = {"preference_accuracy": result["eval_logps/accuracies"]} if "eval_logps/accuracies" in result else {}
-        return {**extra, **generation_metrics(cfg, model, tokenizer, answer_examples, pairs["eval"])}
+        return {**extra, **greedy_pair_metrics(cfg, model, tokenizer, pairs["eval"])}
 
     return stage.finish({}, data=data_report, after=final_metrics)
 

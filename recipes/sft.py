@@ -18,13 +18,12 @@ from pathlib import Path
 import torch
 
 from minift.config import DataSection, TrainConfig
-from minift.data import load_records, split_records
+from minift.data import train_eval_records
 from minift.encode import encode_sft
 from minift.formats import normalize_all
 from minift.packing import collate_flat, collate_padded, pack_examples
-from minift.rollout import answer_accuracy, answer_eval_examples
 from minift.stage import Stage, run_recipe
-from minift.train import CausalLMLoss, ShardedBatches, check_enough_rows, evaluate, trained_tokens
+from minift.train import CausalLMLoss, evaluate, trained_tokens
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -51,14 +50,10 @@ class SFTConfig(DataSection, TrainConfig):
 
 def build_data(cfg: SFTConfig, tokenizer) -> tuple[list, list, callable, dict]:
     """Records -> normalized examples -> tokens with label masks -> packed (or padded) rows."""
-    records = load_records(cfg.dataset_name_or_path, "train")
-    if cfg.eval_dataset:
-        train_records, eval_records = records, load_records(cfg.eval_dataset, "validation")
-    else:
-        train_records, eval_records = split_records(records, cfg.validation_split, cfg.seed)
+    splits = train_eval_records(cfg.dataset_name_or_path, cfg.eval_dataset, cfg.validation_split, cfg.seed)
     report = {}
     rows = {}
-    for split, recs in (("train", train_records), ("eval", eval_records)):
+    for split, recs in splits.items():
         if not recs:
             rows[split] = []
             continue
@@ -95,30 +90,23 @@ def main(cfg: SFTConfig) -> dict:
     stage = Stage(cfg, "sft")
     accelerator, tokenizer = stage.accelerator, stage.load_tokenizer()
     train_rows, eval_rows, collate, data_report = build_data(cfg, tokenizer)  # data errors before weights load
-    answer_examples = answer_eval_examples(cfg.answer_eval_dataset, tokenizer, max_prompt_length=cfg.max_seq_length)
-    world, rank = accelerator.num_processes, accelerator.process_index
     kept = data_report.get("train", {}).get("kept", 0)
-    check_enough_rows(len(train_rows), cfg, world, f"packed rows from {kept} examples" if cfg.packing else "examples")
+    batches = stage.fixed_batches(train_rows, collate, what=f"packed rows from {kept} examples" if cfg.packing
+                                  else "examples")
     model = stage.load_model()
 
-    batches = ShardedBatches(train_rows, cfg.per_device_train_batch_size, world, rank, cfg.seed, collate)
-    chunk = cfg.per_device_eval_batch_size
-    eval_batches = [collate(eval_rows[i: i + chunk]) for i in range(0, len(eval_rows), chunk)][rank::world]
+    chunk, world = cfg.per_device_eval_batch_size, accelerator.num_processes
+    eval_batches = [collate(eval_rows[i: i + chunk])
+                    for i in range(0, len(eval_rows), chunk)][accelerator.process_index::world]
     loss_model = stage.prepare(CausalLMLoss(model), batches, evaluate=(
         lambda wrapped: evaluate(accelerator, wrapped, eval_batches)) if eval_batches else None)
-    if stage.resume() == 0 and answer_examples and accelerator.is_main_process:
-        stage.state["before"]["answer_accuracy_before"] = answer_accuracy(
-            model, tokenizer, answer_examples, max_new_tokens=cfg.max_new_tokens)
+    stage.resume()
 
     for window in stage.steps():
         loss, n_tokens = sft_step(accelerator, loss_model, window)
         stage.update(loss, {"loss": loss}, units=n_tokens)
 
-    def final_accuracy(result: dict) -> dict:
-        return {"answer_accuracy": answer_accuracy(model, tokenizer, answer_examples,
-                                                   max_new_tokens=cfg.max_new_tokens)} if answer_examples else {}
-
-    return stage.finish({}, data=data_report, after=final_accuracy)
+    return stage.finish({}, data=data_report)
 
 
 if __name__ == "__main__":

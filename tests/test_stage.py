@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_adapter, load_recipe, reset_accelerate
+from conftest import assert_same_adapter, reset_accelerate
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]

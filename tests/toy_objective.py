@@ -14,7 +14,6 @@ import torch
 from minift.config import TrainConfig
 from minift.rollout import SequenceLogprobs
 from minift.stage import Stage, run_recipe
-from minift.train import OnlineBatches
 
 
 @dataclass
@@ -38,11 +37,9 @@ def main(cfg: ToyConfig) -> dict:
         ids = torch.stack([(s + torch.arange(cfg.seq_len)) % (vocab - 3) + 3 for s in starts])
         return {"input_ids": ids, "labels": ids.clone()}
 
-    world = accelerator.num_processes
-    batches = OnlineBatches(list(range(64)), cfg.per_device_train_batch_size, world, accelerator.process_index,
-                            cfg.seed, make_batch)
-    logps_model = stage.prepare(SequenceLogprobs(model), batches)
+    logps_model = stage.prepare(SequenceLogprobs(model), stage.online_batches(list(range(64)), make_batch))
     stage.resume()
+    world = accelerator.num_processes
     per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     for window in stage.steps():
         total = torch.zeros((), device=accelerator.device)
