@@ -205,7 +205,7 @@ def check_paths(cfg, maybe_hub: tuple[str, ...], files: tuple[str, ...] = ()) ->
     """Fail before anything loads on a path that does not exist. ``files`` are always local; ``maybe_hub``
     values count as paths only when they look like one (``./x``, ``/x``, ``~/x`` or a data file name such as
     ``train.jsonl``), else they are hub names. The value ``auto`` is skipped."""
-    from minift.data import FILE_SUFFIXES
+    from minift.data.read import FILE_SUFFIXES
 
     for name in maybe_hub + files:
         value = getattr(cfg, name)

@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 
 from minift.config import DataSection, TrainConfig
-from minift.data import train_eval_records
-from minift.encode import encode_preferences
-from minift.formats import normalize_all
-from minift.lora import disable_adapters
-from minift.pairs import (
+from minift.data.encode import encode_preferences
+from minift.data.formats import normalize_all
+from minift.data.read import train_eval_records
+from minift.lora.layers import disable_adapters
+from minift.train.forward import SequenceLogprobs
+from minift.train.pairs import (
     METRICS,
     PreferenceLoss,
     Reference,
@@ -36,8 +37,7 @@ from minift.pairs import (
     pair_logps,
     reference_key,
 )
-from minift.rollout import SequenceLogprobs
-from minift.stage import Stage, run_recipe
+from minift.train.stage import Stage, run_recipe
 
 DATA = Path(__file__).resolve().parent / "data"
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 from minift.config import DataSection, TrainConfig
-from minift.data import train_eval_records
-from minift.encode import encode_sft
-from minift.formats import normalize_all
-from minift.packing import collate_flat, collate_padded, pack_examples
-from minift.stage import Stage, run_recipe
-from minift.train import CausalLMLoss, evaluate, trained_tokens
+from minift.data.encode import encode_sft
+from minift.data.formats import normalize_all
+from minift.data.packing import collate_flat, collate_padded, pack_examples
+from minift.data.read import train_eval_records
+from minift.train.forward import CausalLMLoss, evaluate, trained_tokens
+from minift.train.stage import Stage, run_recipe
 
 DATA = Path(__file__).resolve().parent / "data"
 

@@ -21,9 +21,9 @@ from dpo import main as dpo
 from sft import SFTConfig
 from sft import main as sft
 
-from minift.adapters import combine_adapters, merge_and_save
 from minift.config import ConfigError, config_from_dict, read_yaml
-from minift.stage import run_recipe
+from minift.lora.adapters import combine_adapters, merge_and_save
+from minift.train.stage import run_recipe
 
 
 @dataclass

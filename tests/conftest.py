@@ -28,7 +28,7 @@ def minift_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_dir(minift_cache):
-    from minift.models import tiny_model_dir
+    from minift.model.load import tiny_model_dir
 
     return tiny_model_dir()
 
@@ -51,7 +51,7 @@ def gpt2_dir(tiny_dir, tmp_path_factory):
 
 @pytest.fixture
 def llama(tiny_dir):
-    from minift.models import load_model_and_tokenizer
+    from minift.model.load import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(str(tiny_dir), dtype="float32")
     return model.eval()
@@ -59,7 +59,7 @@ def llama(tiny_dir):
 
 @pytest.fixture
 def gpt2(gpt2_dir):
-    from minift.models import load_model_and_tokenizer
+    from minift.model.load import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(str(gpt2_dir), dtype="float32")
     return model.eval()
@@ -117,9 +117,9 @@ def load_recipe(name: str):
 
 def model_for_training(cfg):
     """What a recipe's stage trains for ``cfg``: (model with its adapters, tokenizer with the chat template)."""
-    from minift.encode import set_chat_template
-    from minift.models import load_tokenizer
-    from minift.train import load_for_training
+    from minift.data.encode import set_chat_template
+    from minift.model.load import load_tokenizer
+    from minift.train.setup import load_for_training
 
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     set_chat_template(tokenizer, getattr(cfg, "chat_template", None))

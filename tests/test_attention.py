@@ -6,10 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minift.attention import NAME, flat_forward, use_document_attention
-from minift.lora import LoraConfig, apply_lora
-from minift.packing import IGNORE_INDEX, collate_flat, collate_padded, pack_examples
-from minift.train import CausalLMLoss
+from minift.constants import IGNORE_INDEX
+from minift.data.packing import collate_flat, collate_padded, pack_examples
+from minift.lora.config import LoraConfig
+from minift.lora.layers import apply_lora
+from minift.model.attention import NAME, flat_forward, use_document_attention
+from minift.train.forward import CausalLMLoss
 
 LENGTHS = [7, 11, 5, 9, 4]
 
@@ -27,7 +29,7 @@ def _flat(examples, max_len=24):
 
 
 def _model(path, attn):
-    from minift.models import load_model_and_tokenizer
+    from minift.model.load import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(str(path), dtype="float32", attn_implementation=attn)
     return model.eval()

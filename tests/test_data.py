@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from minift.data import RecordError, load_records, split_records
-from minift.encode import (
-    IGNORE_INDEX,
+from minift.constants import IGNORE_INDEX
+from minift.data.encode import (
     encode_preferences,
     encode_prompts,
     encode_sft,
     encode_unpaired,
     set_chat_template,
 )
-from minift.formats import Chat, Preference, Prompt, Text, Unpaired, normalize_all
-from minift.models import load_model_and_tokenizer
+from minift.data.formats import Chat, Preference, Prompt, Text, Unpaired, normalize_all
+from minift.data.read import RecordError, load_records, split_records
+from minift.model.load import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "recipes" / "data"
@@ -55,7 +55,7 @@ def trained_text(tok, example) -> str:
 
 
 def test_every_sft_format_is_detected_and_rendered(tmp_path, tok, caplog):
-    with caplog.at_level(logging.INFO, logger="minift.formats"):
+    with caplog.at_level(logging.INFO, logger="minift.data.formats"):
         norm = normalize_all(load_records(write_jsonl(tmp_path / "mix.jsonl", ONE_OF_EACH)), "sft")
     assert dict(norm.formats) == {"alpaca": 2, "prompt_completion": 1, "question_answer": 1,
                                   "context_question_answer": 1, "messages": 1, "sharegpt": 1, "text": 1}
@@ -137,7 +137,7 @@ def test_template_that_rewrites_content_falls_back_to_prefix_rendering(tiny_dir)
 def test_missing_template_uses_chatml_with_warning(tiny_dir, caplog):
     tok = load_model_and_tokenizer(str(tiny_dir))[1]
     tok.chat_template = None
-    with caplog.at_level(logging.WARNING, logger="minift.encode"):
+    with caplog.at_level(logging.WARNING, logger="minift.data.encode"):
         (example,), _ = encode_sft([Chat([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "t")],
                                    tok, max_seq_length=64)
     assert "no chat template" in caplog.text
@@ -185,7 +185,7 @@ def test_truncation_is_counted_and_empty_completions_dropped(tok, caplog):
     long_answer = Chat([{"role": "user", "content": "cat"}, {"role": "assistant", "content": "dog " * 40}], "a")
     long_prompt = Chat([{"role": "user", "content": "cat " * 40}, {"role": "assistant", "content": "dog"}], "b")
     short = Chat([{"role": "user", "content": "cat"}, {"role": "assistant", "content": "dog"}], "c")
-    with caplog.at_level(logging.WARNING, logger="minift.encode"):
+    with caplog.at_level(logging.WARNING, logger="minift.data.encode"):
         out, report = encode_sft([long_answer, long_prompt, short], tok, max_seq_length=20)
     assert (report.examples, report.kept, report.truncated, report.dropped_no_target) == (3, 2, 2, 1)
     assert len(out[0]["input_ids"]) == 20 and "truncated" in caplog.text
@@ -272,7 +272,7 @@ def test_bad_records_name_file_and_line(tmp_path, content, kind, message):
 def test_skip_invalid_counts_and_reports(tmp_path, caplog):
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(b'{"text": "a"}\n{"oops": 1}\nnot json\n{"text": "b"}\n\xff\n')
-    with caplog.at_level(logging.INFO, logger="minift.formats"):
+    with caplog.at_level(logging.INFO, logger="minift.data.formats"):
         norm = normalize_all(load_records(path), "sft", skip_invalid=True)
     assert len(norm.examples) == 2 and len(norm.skipped) == 3
     assert "skipped as invalid: 3" in caplog.text and "mixed.jsonl:2" in caplog.text

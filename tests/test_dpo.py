@@ -94,10 +94,10 @@ def test_dpo_step_gradients_equal_the_formula_by_autograd(dpo, pairs48, tmp_path
     ``-log sigmoid(beta * ((pc - rc) - (pr - rr)))`` (IPO: ``((pc - rc)/nc - (pr - rr)/nr - 1/(2 beta))^2``)."""
     from conftest import model_for_training
 
-    from minift.lora import disable_adapters
-    from minift.pairs import Reference, collate_pairs, pair_logps
-    from minift.rollout import SequenceLogprobs
-    from minift.train import ADAPTER
+    from minift.constants import DEFAULT_ADAPTER
+    from minift.lora.layers import disable_adapters
+    from minift.train.forward import SequenceLogprobs
+    from minift.train.pairs import Reference, collate_pairs, pair_logps
 
     cfg = cfg_for(dpo, pairs48, tmp_path, loss_type=loss_type, beta=0.5, packing=packing)
     model, tokenizer = model_for_training(cfg)
@@ -110,14 +110,14 @@ def test_dpo_step_gradients_equal_the_formula_by_autograd(dpo, pairs48, tmp_path
     if packing:
         assert batch["input_ids"].shape[0] < 10  # the 10 answers really share rows
     logps_model = SequenceLogprobs(model)
-    ref = Reference(logps_model, ADAPTER)(batch, "train")
+    ref = Reference(logps_model, DEFAULT_ADAPTER)(batch, "train")
     losses, _, _ = dpo.make_loss(cfg)(pair_logps(logps_model, batch), ref)
     params = [p for p in model.parameters() if p.requires_grad]
     ours = torch.autograd.grad(losses.mean(), params)
 
     total = 0.0
     for pair in pairs:
-        with torch.no_grad(), disable_adapters(model, [ADAPTER]):
+        with torch.no_grad(), disable_adapters(model, [DEFAULT_ADAPTER]):
             rc, rr, _, _ = naive_pair_logps(model, pair)
         pc, pr, nc, nr = naive_pair_logps(model, pair)
         if loss_type == "sigmoid":
@@ -153,7 +153,7 @@ def test_precomputed_reference_equals_the_disabled_adapter_and_is_reused(dpo, pa
     assert all(a[s] == pytest.approx(b[s], abs=2e-6) for s in range(1, 6)), (a, b)
     assert_same_adapter(tmp_path / "pre" / "adapter", tmp_path / "live" / "adapter", atol=1e-5)
     assert a[1] == pytest.approx(0.6931, abs=1e-3)  # -log sigmoid(0): policy = reference at step 1
-    with caplog.at_level("INFO", logger="minift.pairs"):
+    with caplog.at_level("INFO", logger="minift.train.pairs"):
         from conftest import reset_accelerate
 
         reset_accelerate()
@@ -239,7 +239,7 @@ def test_other_loss_types_train(dpo, pairs48, tmp_path, in_process, loss_type, b
 def test_bad_pairs_raise_or_are_counted(dpo, tmp_path, tiny_dir):
     """Identical answers, a missing side and an empty answer each stop the run naming the file and line,
     or with skip_invalid are skipped and counted."""
-    from minift.models import load_model_and_tokenizer
+    from minift.model.load import load_model_and_tokenizer
 
     _, tokenizer = load_model_and_tokenizer(str(tiny_dir))
     good = {"prompt": "Reverse the words: a b", "chosen": "b a", "rejected": "a b"}
@@ -267,8 +267,8 @@ def test_demo_chain_learns_and_combines(demo_chain, tiny_dir):
     correctly by implicit reward, moves probability off the rejected answers without losing the chosen
     ones, keeps greedy exact match, the printed table has a row per model, and ``final/`` (rank
     r_sft + r_dpo) gives the logits of SFT then DPO adapters."""
-    from minift.adapters import load_adapter
-    from minift.models import load_model_and_tokenizer
+    from minift.lora.adapters import load_adapter
+    from minift.model.load import load_model_and_tokenizer
 
     out, result, printed = demo_chain
     d = result["dpo"]

@@ -16,8 +16,8 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
 from safetensors.torch import load_file
 
-from minift import gguf as g
-from minift.gguf_convert import convert
+from minift.export.gguf import writer as g
+from minift.export.gguf.convert import convert
 
 ARCH_CONFIGS = {  # HF model_type -> (config class name, extra kwargs); all hidden 64, 2 layers
     "mistral": ("MistralConfig", {"head_dim": 16}),
@@ -392,7 +392,7 @@ def split_then_bytes(regex: str):
 @pytest.mark.parametrize("regex,name", [(LLAMA3_REGEX, "llama-bpe"), (LLAMA3_REGEX.replace("{1,3}", ""), "qwen2"),
                                         (r"\p{N}|[^\p{N}]+", None)])
 def test_pre_tokenizer_name_comes_from_the_configuration(tiny_dir, tmp_path, regex, name):
-    from minift.gguf_tokenizer import tokenizer_metadata
+    from minift.export.gguf.tokenizer import tokenizer_metadata
 
     model_dir = copy_model(tiny_dir, tmp_path / "m")
     edit_tokenizer(model_dir, split_then_bytes(regex))
@@ -426,7 +426,7 @@ def proto(*fields: tuple[int, object]) -> bytes:
 
 
 def test_sentencepiece_model(tiny_dir, tmp_path):
-    from minift.gguf_tokenizer import tokenizer_metadata
+    from minift.export.gguf.tokenizer import tokenizer_metadata
 
     pieces = [("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3), ("<0x0A>", 0.0, 6), ("▁the", -1.5, None),
               ("▁", -2.25, None), ("t", -3.0, None)]
@@ -455,7 +455,7 @@ def test_sentencepiece_model(tiny_dir, tmp_path):
 
 
 def test_sentencepiece_bpe_in_tokenizer_json(tiny_dir, tmp_path):
-    from minift.gguf_tokenizer import tokenizer_metadata
+    from minift.export.gguf.tokenizer import tokenizer_metadata
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<0x41>": 3, "▁": 4, "a": 5, "b": 6, "▁a": 7, "ab": 8, "▁ab": 9}
     model_dir = copy_model(tiny_dir, tmp_path / "spj", drop=("tokenizer.json",))
@@ -482,9 +482,10 @@ def test_sentencepiece_bpe_in_tokenizer_json(tiny_dir, tmp_path):
 
 def make_adapter(base_dir, out, seed: int, **lora):
     """Save a minift adapter with non-zero B (and, for DoRA, magnitudes away from their initial norms)."""
-    from minift.adapters import save_adapter
-    from minift.lora import LoraConfig, apply_lora
-    from minift.models import load_model_and_tokenizer
+    from minift.lora.adapters import save_adapter
+    from minift.lora.config import LoraConfig
+    from minift.lora.layers import apply_lora
+    from minift.model.load import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(str(base_dir), dtype="float32")
     torch.manual_seed(seed)
@@ -508,7 +509,7 @@ def peft_adapter(base_dir, out):
 
 
 def test_merged_adapters_equal_merge_and_save(tiny_dir, gpt2_dir, tmp_path):
-    from minift.adapters import merge_and_save
+    from minift.lora.adapters import merge_and_save
 
     chains = {
         "llama": (tiny_dir, [
@@ -641,7 +642,7 @@ def test_sharded_checkpoint_and_small_chunks_give_the_same_file(tiny_dir, gpt2_d
     transposed weights split after the transpose), write exactly the bytes of the one-chunk conversion."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from minift import gguf_convert
+    from minift.export.gguf import convert as gguf_convert
 
     sharded = tmp_path / "sharded"
     AutoModelForCausalLM.from_pretrained(tiny_dir).save_pretrained(sharded, max_shard_size="200KB")

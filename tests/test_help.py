@@ -48,10 +48,24 @@ def test_bench_help_works():
 
 def test_bitsandbytes_is_not_imported_without_quantization(tiny_dir):
     """LoRA on a full-precision model never imports bitsandbytes (its import prints kernel warnings on CPU)."""
-    code = ("import sys; from minift.models import load_model_and_tokenizer; from minift.lora import LoraConfig, "
-            "apply_lora; m, _ = load_model_and_tokenizer('tiny'); apply_lora(m, LoraConfig(r=4)); "
-            "print('bitsandbytes' in sys.modules)")
+    code = ("import sys; from minift.model.load import load_model_and_tokenizer; from minift.lora.config import "
+            "LoraConfig; from minift.lora.layers import apply_lora; m, _ = load_model_and_tokenizer('tiny'); "
+            "apply_lora(m, LoraConfig(r=4)); print('bitsandbytes' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "False", proc.stderr[-2000:]
     assert "gemm_4bit" not in proc.stderr
+
+
+def test_a_full_precision_training_run_prints_no_bitsandbytes_warning(tiny_dir, tmp_path):
+    """A whole SFT run (set-up, schedule, training, saving) with the test extras installed: transformers'
+    schedule module imports peft, which imports bitsandbytes and its CPU kernel warning; minift's own
+    schedules keep both out."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "Reverse the words: cat dog", "completion": "dog cat"}\n' * 8)
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "sft.py"), "--dataset_name_or_path", str(data),
+                           "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--per_device_train_batch_size",
+                           "2", "--validation_split", "0"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "gemm_4bit" not in proc.stderr and "bitsandbytes" not in proc.stderr, proc.stderr[-2000:]
+    assert "sft done: 2 steps" in proc.stderr  # the final summary

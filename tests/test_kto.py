@@ -33,7 +33,7 @@ def logged(out: Path, key: str = "loss") -> dict[int, float]:
 def test_each_example_gets_the_next_answer_as_its_mismatched_twin(kto, tiny_dir, tmp_path):
     """The twin of example i is example i's prompt followed by example i+1's answer, labelled on the answer
     only; the label of the example itself rides along as ``good``."""
-    from minift.models import load_tokenizer
+    from minift.model.load import load_tokenizer
 
     data = tmp_path / "kto.jsonl"
     data.write_text("".join(DEMO.read_text().splitlines(keepends=True)[:6]))

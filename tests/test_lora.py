@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from minift.lora import (
-    LoraConfig,
+from minift.lora.config import LoraConfig
+from minift.lora.layers import (
     LoraLayer,
     ModulesToSave,
     apply_lora,
@@ -199,7 +199,7 @@ def test_bad_config_values(bad):
 
 
 def test_logs_trainable_params(llama, caplog):
-    with caplog.at_level(logging.INFO, logger="minift.lora"):
+    with caplog.at_level(logging.INFO, logger="minift.lora.layers"):
         apply_lora(llama, LoraConfig(r=2, target_modules=["q_proj"]))
     # 2 layers x (A: 2x64 + B: 64x2) = 512 trainable
     total = sum(p.numel() for p in llama.parameters())

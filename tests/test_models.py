@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from minift.lora import LoraConfig, apply_lora
-from minift.models import (
+from minift.lora.config import LoraConfig
+from minift.lora.layers import apply_lora
+from minift.model.load import (
     build_tiny_model,
     load_model_and_tokenizer,
     resolve_model_path,
@@ -45,7 +46,7 @@ def test_tiny_resolves_to_cache_and_loads(tiny_dir, minift_cache):
 
 
 def test_module_summary_command(tiny_dir, minift_cache):
-    out = subprocess.run([sys.executable, "-m", "minift.models"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "minift.model.load"], capture_output=True, text=True, check=True).stdout
     assert "LlamaForCausalLM" in out and "185,920" in out and str(tiny_dir) in out
 
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minift.packing import (
-    IGNORE_INDEX,
+from minift.constants import IGNORE_INDEX
+from minift.data.packing import (
     best_fit_decreasing,
     collate_packed,
     collate_padded,
@@ -49,7 +49,7 @@ LENGTHS, MAX_LEN = [7, 11, 5, 9, 4], 24
 
 @pytest.fixture(params=["sdpa", "eager"])
 def model_by_attn(request, tiny_dir):
-    from minift.models import load_model_and_tokenizer
+    from minift.model.load import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(str(tiny_dir), dtype="float32", attn_implementation=request.param)
     assert model.config._attn_implementation == request.param

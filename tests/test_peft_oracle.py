@@ -8,9 +8,10 @@ import pytest
 import torch
 from test_lora import close, logits, randomize_b
 
-from minift.adapters import load_adapter, save_adapter
-from minift.lora import LoraConfig, apply_lora, lora_layers
-from minift.models import load_model_and_tokenizer
+from minift.lora.adapters import load_adapter, save_adapter
+from minift.lora.config import LoraConfig
+from minift.lora.layers import apply_lora, lora_layers
+from minift.model.load import load_model_and_tokenizer
 
 peft = pytest.importorskip("peft")
 

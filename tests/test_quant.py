@@ -8,17 +8,17 @@ import pytest
 import torch
 from test_lora import close, logits, randomize_b
 
-from minift.adapters import load_adapter, merge_and_save, save_adapter
-from minift.lora import (
-    LoraConfig,
+from minift.lora.adapters import load_adapter, merge_and_save, save_adapter
+from minift.lora.config import LoraConfig
+from minift.lora.layers import (
     apply_lora,
     disable_adapters,
     lora_layers,
     merge_lora,
     unmerge_lora,
 )
-from minift.models import load_model_and_tokenizer
-from minift.weights import dequantized_weight
+from minift.lora.weights import dequantized_weight
+from minift.model.load import load_model_and_tokenizer
 
 pytest.importorskip("bitsandbytes")
 
@@ -62,7 +62,7 @@ def test_quantized_merge_is_close_and_warns(tiny_dir, batch, quantization, caplo
         base = logits(model, batch)
     layer = model.model.layers[0].self_attn.q_proj
     target = dequantized_weight(layer.base_layer, layer.kind) + layer.delta_weight("default").detach()
-    with caplog.at_level(logging.WARNING, logger="minift.lora"):
+    with caplog.at_level(logging.WARNING, logger="minift.lora.layers"):
         merge_lora(model)
     assert "re-quantizes" in caplog.text
     merged_w = dequantized_weight(layer.base_layer, layer.kind)

@@ -19,7 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_adapter, load_recipe, model_for_training, reset_accelerate
+from conftest import (
+    assert_same_adapter,
+    load_recipe,
+    model_for_training,
+    reset_accelerate,
+)
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +92,8 @@ def test_accumulation_weights_every_token_equally(sft, data64, tmp_path, in_proc
     The micro-batches hold different numbers of trained tokens, so averaging per-micro-batch means
     (what ``loss / accum`` does) weights tokens unequally; the check below shows that this would
     move the gradient by far more than the tolerance, so the end-to-end comparison has teeth."""
-    from minift.train import CausalLMLoss, ShardedBatches, trained_tokens
+    from minift.train.batches import ShardedBatches
+    from minift.train.forward import CausalLMLoss, trained_tokens
 
     # The data really is uneven, and the naive average really is different.
     cfg = base_cfg(sft, data64, tmp_path / "probe")
@@ -210,22 +216,22 @@ def test_two_processes_equal_one_with_twice_the_batch(data64, tmp_path, tiny_dir
 
 def spy_on_model(sft, monkeypatch) -> dict:
     """Make ``main`` hand over the model and tokenizer it trains (filled in when its stage loads them)."""
-    import minift.stage
+    import minift.train.stage
 
     seen = {}
-    load = minift.stage.load_for_training
+    load = minift.train.stage.load_for_training
 
     def spying(cfg, tokenizer):
         seen["model"], seen["tokenizer"] = load(cfg, tokenizer), tokenizer
         return seen["model"]
 
-    monkeypatch.setattr(minift.stage, "load_for_training", spying)
+    monkeypatch.setattr(minift.train.stage, "load_for_training", spying)
     return seen
 
 
 def fixed_batch_loss(sft, cfg, model, tokenizer) -> float:
     """Mean cross-entropy over the trained tokens of the first 8 training rows (no dropout, no grad)."""
-    from minift.train import CausalLMLoss
+    from minift.train.forward import CausalLMLoss
 
     rows, _, collate, _ = sft.build_data(cfg, tokenizer)
     loss_model = CausalLMLoss(model).eval()
@@ -241,16 +247,16 @@ def test_qlora_trains_on_a_4bit_base(sft, data64, tmp_path, in_process, monkeypa
     cfg = base_cfg(sft, data64, tmp_path, use_4bit=True, per_device_train_batch_size=4, max_steps=8)
     seen = spy_on_model(sft, monkeypatch)
     before = {}
-    import minift.stage
+    import minift.train.stage
 
-    load = minift.stage.load_for_training
+    load = minift.train.stage.load_for_training
 
     def measure_before(c, tokenizer):  # B = 0 at init, so this is the 4-bit base model's loss
         model = load(c, tokenizer)
         before["loss"] = fixed_batch_loss(sft, c, model, tokenizer)
         return model
 
-    monkeypatch.setattr(minift.stage, "load_for_training", measure_before)
+    monkeypatch.setattr(minift.train.stage, "load_for_training", measure_before)
     result = sft.main(cfg)
     model, tokenizer = seen["model"], seen["tokenizer"]
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 14  # 7 projections x 2 layers
@@ -266,7 +272,7 @@ def test_full_finetune_writes_a_loadable_model(sft, data64, tmp_path, in_process
     classes and gives exactly the trained model's loss, which is well below the base model's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from minift.models import load_model_and_tokenizer
+    from minift.model.load import load_model_and_tokenizer
 
     cfg = base_cfg(sft, data64, tmp_path, lora_r=0, per_device_train_batch_size=4, max_steps=10)
     seen = spy_on_model(sft, monkeypatch)
@@ -322,11 +328,11 @@ def test_bad_configs_raise_clear_errors(sft, tmp_path, monkeypatch):
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_on_a_cpu_without_bf16_units_warns(sft, tmp_path, in_process, monkeypatch, caplog, native):
     """PyTorch's bf16 matmul fallback is ~100x slower than fp32 on CPUs without AVX-512 / AMX: say so."""
-    import minift.train as train
+    import minift.train.setup as train
 
     monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native)
     reset_accelerate()
-    with caplog.at_level("WARNING", logger="minift.train"):
+    with caplog.at_level("WARNING", logger="minift.train.setup"):
         accelerator = train.make_accelerator(base_cfg(sft, DEMO, tmp_path, mixed_precision="bf16"))
     assert accelerator.mixed_precision == "bf16"
     assert ("without native bf16 matrix units" in caplog.text) == (not native)
@@ -367,8 +373,9 @@ def test_config_errors_exit_cleanly_before_loading_a_model(data64, tmp_path, tin
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sft, data64, tmp_path, in_process, monkeypatch):
     """A loss that turns NaN at step 5 stops the run with a message naming step 5 and checkpoint-4;
     nothing NaN is saved (no checkpoint-5/6, no final adapter) and checkpoint-4 loads and is finite."""
-    from minift.adapters import load_adapter
-    from minift.train import ADAPTER, CausalLMLoss
+    from minift.constants import DEFAULT_ADAPTER
+    from minift.lora.adapters import load_adapter
+    from minift.train.forward import CausalLMLoss
 
     forward, calls = CausalLMLoss.forward, []
 
@@ -388,7 +395,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sft, data64, tmp_path
     assert json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())["step"] == 4
     monkeypatch.undo()
     model, _ = model_for_training(cfg)
-    load_adapter(model, tmp_path / "checkpoint-4" / "adapter", adapter_name=ADAPTER, trainable=True)
+    load_adapter(model, tmp_path / "checkpoint-4" / "adapter", adapter_name=DEFAULT_ADAPTER, trainable=True)
     weights = adapter(tmp_path / "checkpoint-4")
     assert all(torch.isfinite(t).all() for t in weights.values())
     assert any(t.abs().max() > 0 for k, t in weights.items() if "lora_B" in k)  # trained, not the init
@@ -402,16 +409,16 @@ def test_pruning_keeps_the_newest_and_the_best(sft, data64, tmp_path, in_process
     after every save the newest and the best checkpoint exist, at most 2 remain, oldest go first."""
     eval_losses = iter([3.0, 1.0, 2.0, 1.5, 0.5, 1.1])  # steps 2, 4, ..., 12
     monkeypatch.setattr(sft, "evaluate", lambda *a: {"eval_loss": next(eval_losses)})
-    import minift.stage
+    import minift.train.stage
 
-    listings, save = [], minift.stage.save_checkpoint
+    listings, save = [], minift.train.stage.save_checkpoint
 
     def recording(accelerator, output_dir, weights, optimizer, scheduler, state, **options):
         path = save(accelerator, output_dir, weights, optimizer, scheduler, state, **options)
         listings.append((state["step"], sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("checkpoint-*"))))
         return path
 
-    monkeypatch.setattr(minift.stage, "save_checkpoint", recording)
+    monkeypatch.setattr(minift.train.stage, "save_checkpoint", recording)
     cfg = base_cfg(sft, data64, tmp_path, max_steps=12, save_steps=2, eval_steps=2, save_total_limit=2,
                    validation_split=0.1)
     sft.main(cfg)

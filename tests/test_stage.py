@@ -97,7 +97,7 @@ def test_sharded_batches_split_each_global_batch_and_resume_at_any_index():
     """Process r of N takes slice r of each global micro-batch: together they hold exactly the rows one
     process with N times the batch gets; epoch e reshuffles; a fresh object starting at index i (a resume)
     gives the same micro-batches as one that walked there."""
-    from minift.train import ShardedBatches
+    from minift.train.batches import ShardedBatches
 
     rows = list(range(23))
     one = ShardedBatches(rows, 6, 1, 0, seed=3, collate=list)
@@ -120,7 +120,7 @@ def test_sharded_batches_split_each_global_batch_and_resume_at_any_index():
 def test_online_batches_seed_each_sequence_by_its_global_position():
     """The seeds handed to make_batch depend on the run's seed and each prompt's global position only: the same
     for 1 x 4 and 2 x 2 processes, different at every position and for another seed."""
-    from minift.train import OnlineBatches
+    from minift.train.batches import OnlineBatches
 
     def make(prompts, seeds):
         return {"prompts": prompts, "seeds": seeds}
@@ -146,7 +146,7 @@ class _Main:
 
 
 def test_metrics_log_drops_what_a_killed_run_logged_past_the_checkpoint(tmp_path):
-    from minift.train import MetricsLog
+    from minift.train.outputs import MetricsLog
 
     log = MetricsLog(_Main(), str(tmp_path))
     for step in range(1, 8):
@@ -160,7 +160,7 @@ def test_metrics_log_drops_what_a_killed_run_logged_past_the_checkpoint(tmp_path
 
 def test_a_checkpoint_appears_whole_or_not_at_all(tmp_path):
     """A save that fails half-way leaves no checkpoint-N (nor a temp dir); one that succeeds has every file."""
-    from minift.adapters import atomic_directory
+    from minift.lora.adapters import atomic_directory
 
     with pytest.raises(RuntimeError):
         with atomic_directory(tmp_path / "checkpoint-3") as tmp:
@@ -175,7 +175,7 @@ def test_a_checkpoint_appears_whole_or_not_at_all(tmp_path):
 
 
 def test_pruning_keeps_the_limit_the_newest_and_the_best(tmp_path):
-    from minift.checkpoints import find_checkpoint, prune_checkpoints
+    from minift.train.checkpoints import find_checkpoint, prune_checkpoints
 
     for step in (2, 4, 6, 8, 10):
         (tmp_path / f"checkpoint-{step}").mkdir()
@@ -195,7 +195,7 @@ def test_schedules_equal_transformers(kind, name, warmup):
 
     from transformers import get_scheduler
 
-    from minift.train import make_scheduler
+    from minift.train.setup import make_scheduler
 
     ours, theirs = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1) for _ in range(2))
     a = make_scheduler(SimpleNamespace(warmup_steps=warmup, warmup_ratio=0.0, lr_scheduler_type=kind), ours, 17)

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from minift.config import TrainConfig
-from minift.rollout import SequenceLogprobs
-from minift.stage import Stage, run_recipe
+from minift.train.forward import SequenceLogprobs
+from minift.train.stage import Stage, run_recipe
 
 
 @dataclass

@@ -64,7 +64,8 @@ import transformers
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from minift.lora import LoraConfig, apply_lora
+from minift.lora.config import LoraConfig
+from minift.lora.layers import apply_lora
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_dpo  # noqa: E402  (sibling files: tools/ is not a package)
@@ -177,7 +178,7 @@ DATA_WORDS = ("apple banana cherry grape lemon red blue green cat dog bird fish 
 
 def synthetic_records(n: int, seed: int) -> list:
     """``n`` records in a round-robin of SFT formats; total lengths log-normal, clamped to ~20..1000 tokens."""
-    from minift.data import Record
+    from minift.data.read import Record
 
     rng = random.Random(seed)
 
@@ -208,10 +209,10 @@ def synthetic_records(n: int, seed: int) -> list:
 
 def bench_data(args: argparse.Namespace) -> bool:
     """Tokenize + mask + pack vs tokenizer alone (target <= 1.5x); packing efficiency (target >= 95%)."""
-    from minift.encode import encode_sft
-    from minift.formats import normalize_all
-    from minift.models import load_model_and_tokenizer
-    from minift.packing import pack_examples
+    from minift.data.encode import encode_sft
+    from minift.data.formats import normalize_all
+    from minift.data.packing import pack_examples
+    from minift.model.load import load_model_and_tokenizer
 
     torch.set_num_threads(2)
     _, tokenizer = load_model_and_tokenizer("tiny")

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from minift.attention import use_document_attention
-from minift.lora import LoraConfig, apply_lora
-from minift.train import cpu_has_native_bf16
+from minift.lora.config import LoraConfig
+from minift.lora.layers import apply_lora
+from minift.model.attention import use_document_attention
+from minift.train.setup import cpu_has_native_bf16
 
 BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
 TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
@@ -98,7 +99,7 @@ class MiniftSFT:
     tokens, backward, gradient clipping (1.0) and AdamW, as in recipes/sft.py. ``step`` returns the mean loss."""
 
     def __init__(self, model: nn.Module):
-        from minift.train import CausalLMLoss
+        from minift.train.forward import CausalLMLoss
 
         self.model, self.loss_model = model, CausalLMLoss(model)
         self.params = [p for p in model.parameters() if p.requires_grad]

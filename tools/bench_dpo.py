@@ -16,7 +16,7 @@ Sides, each alone in a fresh process with ``--threads`` torch threads, ``--reps`
 - ``packed``: minift, chosen and rejected answers packed as separate documents into 512-token rows
   (prompt + the longest answer = 384 fits) and laid out as one flat row (``collate_pairs(packing=True)``: no
   padding, document attention), reference = the model
-  with the LoRA adapter disabled (``Reference(.., ADAPTER)``: a second, no-grad forward);
+  with the LoRA adapter disabled (``Reference(.., DEFAULT_ADAPTER)``: a second, no-grad forward);
 - ``padded``: the same with ``collate_pairs(packing=False)`` (chosen rows, then rejected rows);
 - ``precomputed``: packed, reference log-probs from ``Reference.precompute`` run once over all pairs
   before the first step (its time is printed apart, not in the steps);
@@ -117,16 +117,16 @@ class Memory:
 
 def run_minift(side: str, args: argparse.Namespace) -> dict:
     """One minift side: warm-up steps, then ``args.steps`` timed ones; times, tokens, losses, memory."""
-    from minift.checkpoints import ADAPTER
-    from minift.packing import collate_flat, pack_examples
-    from minift.pairs import PreferenceLoss, Reference, collate_pairs, pair_logps
-    from minift.rollout import SequenceLogprobs
+    from minift.constants import DEFAULT_ADAPTER
+    from minift.data.packing import collate_flat, pack_examples
+    from minift.train.forward import SequenceLogprobs
+    from minift.train.pairs import PreferenceLoss, Reference, collate_pairs, pair_logps
 
     steps = step_batches(args)
     sft = MiniftSFT(minift_sft_model(SFT_MODEL))  # model, trainable params, AdamW(lr 1e-4, no weight decay)
     model, params, optimizer = sft.model, sft.params, sft.optimizer
     logps_model = SequenceLogprobs(model)
-    reference = Reference(logps_model, ADAPTER)
+    reference = Reference(logps_model, DEFAULT_ADAPTER)
     loss_fn = PreferenceLoss("sigmoid", beta=BETA)
 
     def collate(batch_pairs: list[dict]) -> dict:
@@ -188,8 +188,8 @@ def run_trl(args: argparse.Namespace) -> dict:
     import transformers as tf
     from datasets import Dataset
 
-    from minift.models import tiny_model_dir
-    from minift.pairs import collate_pairs
+    from minift.model.load import tiny_model_dir
+    from minift.train.pairs import collate_pairs
 
     refs = oracles()
     DPOConfig, DPOTrainer = refs.trl_dpo()

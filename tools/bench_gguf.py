@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cache() -> Path:
-    from minift.models import cache_dir
+    from minift.model.load import cache_dir
 
     return cache_dir() / "bench-gguf"
 
@@ -94,7 +94,7 @@ def build_model(out: Path, sp_site: str | None) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from minift.models import _tiny_corpus, tiny_model_dir
+    from minift.model.load import _tiny_corpus, tiny_model_dir
 
     torch.manual_seed(0)
     config = LlamaConfig(**MODEL, bos_token_id=1, eos_token_id=2)

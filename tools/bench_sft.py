@@ -40,7 +40,7 @@ from bench_common import (
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from minift.train import cpu_has_native_bf16
+from minift.train.setup import cpu_has_native_bf16
 
 SFT_VOCAB_MODEL = {**SFT_MODEL, "hidden_size": 256, "intermediate_size": 768, "vocab_size": 128_000}
 SFT_THREADS = 2  # default of --threads
@@ -129,7 +129,7 @@ def bench_sft_dense(args: argparse.Namespace) -> bool:
 
 def bench_sft_ragged(args: argparse.Namespace) -> bool:
     """Ragged 8 sequences per step: packed (no mask) vs padded (attention_mask), real tokens/s (goal >= 1.3x)."""
-    from minift.packing import collate_flat, collate_padded, pack_examples
+    from minift.data.packing import collate_flat, collate_padded, pack_examples
 
     steps = args.steps
     n_steps = steps + args.warmup

@@ -48,7 +48,7 @@ def worker_trl(role: str, args: argparse.Namespace) -> dict:
     examples = ragged_examples(trl_dataset_size(args.steps, args.warmup), SFT_MODEL["vocab_size"], seed=2)
     tokens, ends, losses = [], [], []
     if role == "trl-minift":
-        from minift.packing import collate_flat, pack_examples
+        from minift.data.packing import collate_flat, pack_examples
 
         side = MiniftSFT(minift_sft_model(SFT_MODEL))
         rows, _ = pack_examples(examples, SFT_SEQ)
@@ -68,7 +68,7 @@ def worker_trl(role: str, args: argparse.Namespace) -> dict:
         refs = oracles()
         SFTConfig, SFTTrainer = refs.trl_sft()
 
-        from minift.models import tiny_model_dir
+        from minift.model.load import tiny_model_dir
 
         matched = role == "trl-matched"
         model = build_sft_model(SFT_MODEL, precision() if matched else "fp32")

@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from minift.gguf_convert import OUTTYPES, convert
+from minift.export.gguf.convert import OUTTYPES, convert
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model_dir = args.model_dir
-    if model_dir == "tiny":  # imported only here: minift.models pulls in torch, which the conversion does not need
-        from minift.models import tiny_model_dir
+    if model_dir == "tiny":  # imported only here: minift.model.load pulls in torch, which the conversion does not need
+        from minift.model.load import tiny_model_dir
 
         model_dir = tiny_model_dir()
     try:

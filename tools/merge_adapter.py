@@ -1,6 +1,6 @@
 """Merge one or more adapters (applied in order) into a full-precision base; write a plain HF model directory.
 
-    python tools/merge_adapter.py BASE ADAPTER [ADAPTER ...] -o OUT [--dtype bfloat16] [--max_shard_size 2GB]
+    python tools/merge_adapter.py BASE DEFAULT_ADAPTER [DEFAULT_ADAPTER ...] -o OUT [--dtype bfloat16] [--max_shard_size 2GB]
 
 BASE is a model directory, a hub id or ``tiny``. Adapters trained on a 4-bit base merge into the
 unquantized base here, so the result is exact.
@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from minift.adapters import merge_and_save
+from minift.lora.adapters import merge_and_save
 
 
 def main(argv: list[str] | None = None) -> int:

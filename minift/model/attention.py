@@ -1,6 +1,6 @@
 """Document attention for padding-free packed batches: each document attends causally to itself only.
 
-``collate_flat`` (minift/packing.py) lays a micro-batch out as one row of concatenated documents,
+``collate_flat`` (minift/data/packing.py) lays a micro-batch out as one row of concatenated documents,
 no padding, with their boundaries as ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (int32, ``(n_docs + 1,)``,
 cumulative lengths from 0). With ``max_length_q`` / ``max_length_k`` (the longest document, added by
 ``CausalLMLoss``) these are the keyword arguments that transformers' ``flash_attention_2`` takes for its

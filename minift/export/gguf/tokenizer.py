@@ -20,7 +20,7 @@ import struct
 from collections import Counter
 from pathlib import Path
 
-from minift.gguf import Value, ValueType, array, boolean, string, u32
+from minift.export.gguf.writer import Value, ValueType, array, boolean, string, u32
 
 logger = logging.getLogger(__name__)
 

@@ -15,13 +15,20 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from minift.data import RecordError
-from minift.formats import Chat, Preference, Prompt, Text, Unpaired
-from minift.models import CHATML_TEMPLATE
+from minift.constants import IGNORE_INDEX
+from minift.data.formats import Chat, Preference, Prompt, Text, Unpaired
+from minift.data.read import RecordError
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
+
+# ChatML-style; also minift's documented default for tokenizers without a template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 @dataclass

@@ -12,9 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from minift.adapters import atomic_directory, load_adapter, save_adapter
-
-ADAPTER = "default"  # the trainable adapter; an init_adapter is loaded frozen as "init"
+from minift.constants import DEFAULT_ADAPTER
+from minift.lora.adapters import atomic_directory, load_adapter, save_adapter
 
 
 def _rng_state() -> dict:
@@ -56,7 +55,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, weights: "Weights", opt
 
 
 class Weights:
-    """What a stage trains and saves: the adapter named :data:`ADAPTER` (PEFT format, in ``<dir>/adapter``)
+    """What a stage trains and saves: the adapter named :data:`DEFAULT_ADAPTER` (PEFT format, in ``<dir>/adapter``)
     or, for a full fine-tune, the whole model (``<dir>/model``)."""
 
     def __init__(self, model: nn.Module, *, full: bool, base_model: str, parents: list[str]):
@@ -67,13 +66,13 @@ class Weights:
         if self.full:
             self.model.save_pretrained(out_dir / "model")
         else:
-            save_adapter(self.model, out_dir / "adapter", adapter_name=ADAPTER, base_model_name_or_path=self.base_model,
+            save_adapter(self.model, out_dir / "adapter", adapter_name=DEFAULT_ADAPTER, base_model_name_or_path=self.base_model,
                          parents=self.parents)
         return out_dir / self.subdir
 
     def load(self, checkpoint: Path) -> None:
         if not self.full:
-            load_adapter(self.model, checkpoint / "adapter", adapter_name=ADAPTER, trainable=True)
+            load_adapter(self.model, checkpoint / "adapter", adapter_name=DEFAULT_ADAPTER, trainable=True)
             return
         from safetensors.torch import load_file
 

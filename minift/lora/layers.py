@@ -6,7 +6,7 @@ with ``scale = lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rsLoRA). Bases
 (QLoRA). Several named adapters can live on one model: e.g. a frozen adapter from an earlier
 stage plus a trainable one, which is how stages chain on quantized bases where merging is lossy.
 In-memory parameter names follow peft (``q_proj.lora_A.<adapter>.weight``), so the PEFT file
-format is a rename away (see ``minift/adapters.py``). ``LoraConfig`` and the name-matching rules live
+format is a rename away (see ``minift/lora/adapters.py``). ``LoraConfig`` and the name-matching rules live
 in ``minift/lora_config.py``; ``from minift.lora import LoraConfig`` works as before.
 """
 
@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minift.lora_config import LoraConfig, name_matches
-from minift.weights import (
+from minift.constants import DEFAULT_ADAPTER
+from minift.lora.config import LoraConfig, name_matches
+from minift.lora.weights import (
     base_kind,
     dequantized_weight,
     keep_4bit_layout_trainable,
@@ -33,7 +34,6 @@ from minift.weights import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ADAPTER = "default"
 
 
 # ----------------------------------------------------------------------------- layers

@@ -1,6 +1,6 @@
 """Load a base model and tokenizer; build the offline ``tiny`` model that every recipe defaults to.
 
-``python -m minift.models [NAME_OR_PATH]`` prints a summary of a model (default: ``tiny``).
+``python -m minift.model.load [NAME_OR_PATH]`` prints a summary of a model (default: ``tiny``).
 """
 
 from __future__ import annotations
@@ -17,18 +17,13 @@ from pathlib import Path
 
 import torch
 
+from minift.data.encode import CHATML_TEMPLATE
+
 logger = logging.getLogger(__name__)
 
 TINY = "tiny"
 TINY_BUILDER_VERSION = 2  # bump when the recipe below changes, so caches rebuild
 TINY_VOCAB_SIZE = 1024
-# ChatML-style; also minift's documented default for tokenizers without a template.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
@@ -45,7 +40,7 @@ def cache_dir() -> Path:
 
 
 def _tiny_corpus() -> str:
-    return resources.files("minift").joinpath("tiny_corpus.txt").read_text(encoding="utf-8")
+    return resources.files("minift.model").joinpath("tiny_corpus.txt").read_text(encoding="utf-8")
 
 
 def tiny_model_dir() -> Path:

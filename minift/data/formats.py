@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from minift.data import Record, RecordError
+from minift.data.read import Record, RecordError
 
 logger = logging.getLogger(__name__)
 

@@ -1,46 +1,9 @@
-"""Sequence log-probs of a model (DPO and RL), batched generation, and answer accuracy against references."""
+"""Batched greedy (or sampled) generation and exact match against reference answers."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
-
-from minift.lora import ModulesToSave
-from minift.losses.lm_head import segment_sums, token_logprobs
-from minift.train import IGNORE_INDEX, CausalLMLoss
-
-
-class SequenceLogprobs(CausalLMLoss):
-    """Wraps a causal LM so that one forward returns, per sequence (padded rows) or per document (packed
-    rows with ``doc_index`` from ``collate_packed``), the summed completion log-prob ``(D,)`` float32 and
-    the completion token count ``(D,)``. As in :class:`CausalLMLoss`, only labelled positions reach the
-    LM head, in chunks: ``(batch, seq, vocab)`` logits never exist."""
-
-    def forward(self, **batch) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, targets = self._hidden_and_targets(batch)
-        labels = batch["labels"][:, 1:]
-        if "doc_index" in batch:
-            doc = batch["doc_index"][:, 1:][labels != IGNORE_INDEX]
-            n_docs = batch["doc_example_index"].shape[0]
-        else:
-            rows = torch.arange(labels.shape[0], device=labels.device)
-            doc, n_docs = rows[:, None].expand_as(labels)[labels != IGNORE_INDEX], labels.shape[0]
-        head = self.model.get_output_embeddings()
-        if isinstance(head, ModulesToSave):
-            head = head.current()
-        if type(head) is nn.Linear:
-            logps = token_logprobs(hidden, head.weight, targets, chunk_size=self.chunk_size, bias=head.bias,
-                                   **self._logit_options())
-        else:  # a LoRA-wrapped or quantized head: recompute each chunk's logits in backward
-            parts = [checkpoint(self._chunk_logps, head, h, t, use_reentrant=False)
-                     for h, t in zip(hidden.split(self.chunk_size), targets.split(self.chunk_size))]
-            logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-        return segment_sums(logps, doc, n_docs)
-
-    def _chunk_logps(self, head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return -F.cross_entropy(self._logits(head, h), t, reduction="none")
 
 
 @torch.no_grad()
@@ -89,9 +52,9 @@ def answer_accuracy(model: nn.Module, tokenizer, examples: list[dict], *, max_ne
 def answer_eval_examples(path: str | None, tokenizer, *, max_prompt_length: int) -> list[dict]:
     """Prompts with reference answers (any prompt record format with an ``answer``) for :func:`answer_accuracy`,
     rendered with the chat template; none when ``path`` is None."""
-    from minift.data import load_records
-    from minift.encode import encode_prompts
-    from minift.formats import normalize_all
+    from minift.data.encode import encode_prompts
+    from minift.data.formats import normalize_all
+    from minift.data.read import load_records
 
     if not path:
         return []

@@ -26,9 +26,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minift import __version__
-from minift.lora import (
-    DEFAULT_ADAPTER,
-    LoraConfig,
+from minift.constants import DEFAULT_ADAPTER
+from minift.lora.config import LoraConfig
+from minift.lora.layers import (
     adapter_configs,
     apply_lora,
     find_targets,
@@ -38,7 +38,7 @@ from minift.lora import (
     set_trainable,
     unwrap_lora,
 )
-from minift.weights import base_kind, layer_features
+from minift.lora.weights import base_kind, layer_features
 
 logger = logging.getLogger(__name__)
 
@@ -409,7 +409,7 @@ def merge_and_save(
     The result (sharded safetensors + tokenizer) loads with ``AutoModelForCausalLM`` alone.
     Adapters trained on a 4-bit base merge here into the unquantized base, which is exact.
     """
-    from minift.models import load_model_and_tokenizer
+    from minift.model.load import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(base_model_name_or_path, dtype=dtype)
     for i, adapter_dir in enumerate(adapter_dirs):

@@ -26,7 +26,18 @@ from pathlib import Path
 
 import numpy as np
 
-from minift.gguf import (
+from minift.export.gguf.arch import (
+    ModelSpec,
+    Transform,
+    gguf_name,
+    hyperparameters,
+    interleave_heads,
+    llama3_rope_freqs,
+    model_spec,
+    transform_for,
+)
+from minift.export.gguf.tokenizer import tokenizer_metadata
+from minift.export.gguf.writer import (
     DEFAULT_ALIGNMENT,
     Tensor,
     TensorType,
@@ -38,17 +49,6 @@ from minift.gguf import (
     u32,
     write_gguf,
 )
-from minift.gguf_arch import (
-    ModelSpec,
-    Transform,
-    gguf_name,
-    hyperparameters,
-    interleave_heads,
-    llama3_rope_freqs,
-    model_spec,
-    transform_for,
-)
-from minift.gguf_tokenizer import tokenizer_metadata
 
 OUTTYPES = {"f32": TensorType.F32, "f16": TensorType.F16, "bf16": TensorType.BF16, "q8_0": TensorType.Q8_0,
             "q4_0": TensorType.Q4_0}
@@ -220,7 +220,7 @@ def tensor_chunks(source: SafetensorsSource, p: Planned):
             source.release(t, start, min(start + COPY_BYTES, nbytes))
         return
     if p.merges or p.transform.transpose:  # needs the whole tensor: a transpose or an adapter merge
-        from minift.gguf_lora import apply_merges
+        from minift.export.gguf.lora import apply_merges
 
         x = source.read(t, 0, rows)
         x = x.reshape(t.shape).T if p.transform.transpose else x
@@ -276,13 +276,13 @@ def convert(model_dir: str | Path, out: str | Path, *, outtype: str = "f16", ada
     if lora_only and not adapters:
         raise ValueError("--lora-only writes adapters: give at least one with --adapter DIR")
     if lora_only and ollama:
-        raise ValueError("--ollama applies to full models; for an adapter add ADAPTER to the base model's Modelfile")
+        raise ValueError("--ollama applies to full models; for an adapter add DEFAULT_ADAPTER to the base model's Modelfile")
     config = read_config(model_dir)
     spec = model_spec(config, str(model_dir / "config.json"))
     source = SafetensorsSource(model_dir)
     name = config.get("_name_or_path") or model_dir.resolve().name
     if lora_only:
-        from minift.gguf_lora import lora_gguf_tensors
+        from minift.export.gguf.lora import lora_gguf_tensors
 
         alpha, arrays = lora_gguf_tensors(adapters, source, spec, model_dir)
         metadata = _general(spec, name, "adapter", outtype)
@@ -291,7 +291,7 @@ def convert(model_dir: str | Path, out: str | Path, *, outtype: str = "f16", ada
     else:
         merges = {}
         if adapters:
-            from minift.gguf_lora import plan_merges
+            from minift.export.gguf.lora import plan_merges
 
             merges = plan_merges(adapters, source, spec, model_dir)
         plans = plan_model(spec, source, outtype, merges)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minift.gguf import Value, f32, string, u32
+from minift.export.gguf.writer import Value, f32, string, u32
 
 # HF model_type -> GGUF architecture
 SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma": "gemma", "phi3": "phi3",

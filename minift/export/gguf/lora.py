@@ -21,7 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from minift.gguf_arch import ModelSpec, gguf_name, interleave_heads, transform_for
+from minift.export.gguf.arch import (
+    ModelSpec,
+    gguf_name,
+    interleave_heads,
+    transform_for,
+)
 
 
 @dataclass
@@ -37,9 +42,9 @@ class Merge:
 
 def _read(adapter_dir: Path, spec: ModelSpec, model_dir: Path):
     """(LoRA parts per module, full tensors per module, LoraConfig) of an adapter, checked against the base."""
-    # minift.adapters' own parsing (torch-based, so imported only when adapters are used): an adapter
+    # minift.lora.adapters' own parsing (torch-based, so imported only when adapters are used): an adapter
     # reads the same here as in load_adapter / merge_and_save.
-    from minift.adapters import (
+    from minift.lora.adapters import (
         WEIGHTS_NAME,
         _lora_config_from_json,
         _split_keys,

@@ -8,7 +8,7 @@ That holds only when no KV cache is passed: every forward on packed rows must pa
 
 Training uses :func:`collate_flat`: a micro-batch's rows joined into one row with no padding at all,
 its document boundaries passed to the model (``cu_seq_lens_q``), so that attention runs document by
-document without a mask (minift/attention.py). :func:`collate_packed` keeps the rows apart.
+document without a mask (minift/model/attention.py). :func:`collate_packed` keeps the rows apart.
 
 The label at each document's first token is -100: HF models shift labels internally (``logits[t]``
 predicts ``labels[t + 1]``), so otherwise the previous document's last token would be trained to
@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minift.constants import IGNORE_INDEX
+
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 CHOSEN, REJECTED = 0, 1
 
 # A packed row: python lists. Per token: "input_ids", "labels", "position_ids". Per document, in row
@@ -247,7 +248,7 @@ def collate_flat(rows: Sequence[PackedRow]) -> dict[str, torch.Tensor]:
     The padding-free layout for training: ``input_ids``, ``labels``, ``position_ids``, ``doc_index``
     ``(1, T)`` and ``doc_example_index`` (``doc_role`` for pairs) as in :func:`collate_packed`, plus the
     document boundaries ``cu_seq_lens_q`` = ``cu_seq_lens_k`` ``(n_docs + 1,)`` int32 (cumulative lengths
-    from 0). Pass those two to the model's forward (as :class:`minift.train.CausalLMLoss` does): minift's
+    from 0). Pass those two to the model's forward (as :class:`minift.train.forward.CausalLMLoss` does): minift's
     ``minift_sdpa`` attention and transformers' ``flash_attention_2`` then attend within each document
     without a mask; ``sdpa`` / ``eager`` stay correct through the restarting ``position_ids`` alone.
     """

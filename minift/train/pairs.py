@@ -2,7 +2,7 @@
 
 A micro-batch of pairs becomes one batch of sequences: packed (every chosen and rejected answer a
 document of its own in full rows, no cross-document attention) or padded (chosen rows, then rejected
-rows). :class:`~minift.rollout.SequenceLogprobs` sums each document's completion log-probs and
+rows). :class:`~minift.train.forward.SequenceLogprobs` sums each document's completion log-probs and
 :func:`pair_logps` regroups them per pair. The reference model is the model the stage starts from:
 the same weights with the trainable adapter disabled, or a table computed once before training.
 """
@@ -22,11 +22,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from minift.lora import disable_adapters
+from minift.constants import IGNORE_INDEX
+from minift.data.packing import CHOSEN, collate_flat, collate_padded, pack_pairs
+from minift.lora.layers import disable_adapters
 from minift.losses import DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
-from minift.packing import CHOSEN, collate_flat, collate_padded, pack_pairs
-from minift.rollout import generate
-from minift.train import IGNORE_INDEX
+from minift.train.generation import generate
 
 logger = logging.getLogger(__name__)
 REFERENCE_FREE = ("simpo", "cpo", "orpo")  # losses computed from the policy alone

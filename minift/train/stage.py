@@ -25,30 +25,40 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from minift.adapters import merge_and_save
-from minift.checkpoints import ADAPTER, Weights, find_checkpoint, load_checkpoint, save_checkpoint
 from minift.config import ConfigError, TrainConfig, parse_config
-from minift.data import RecordError
-from minift.encode import set_chat_template
-from minift.models import load_tokenizer
-from minift.rollout import answer_eval_examples, answer_metrics
-from minift.train import (
-    MetricsLog,
+from minift.constants import DEFAULT_ADAPTER
+from minift.data.encode import set_chat_template
+from minift.data.read import RecordError
+from minift.lora.adapters import merge_and_save
+from minift.model.load import load_tokenizer
+from minift.train.batches import (
     OnlineBatches,
     ShardedBatches,
-    Throughput,
     check_enough_rows,
+    total_steps,
+)
+from minift.train.checkpoints import (
+    Weights,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from minift.train.generation import answer_eval_examples, answer_metrics
+from minift.train.outputs import (
+    MetricsLog,
+    Throughput,
+    plot_losses,
+    push_to_hub,
+    write_model_card,
+    write_run_json,
+)
+from minift.train.setup import (
     close_processes,
     end_stage,
     load_for_training,
     make_accelerator,
     make_optimizer,
     make_scheduler,
-    plot_losses,
-    push_to_hub,
-    total_steps,
-    write_model_card,
-    write_run_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -117,14 +127,14 @@ class Stage:
         return self.model
 
     def fixed_batches(self, rows: list, collate, *, what: str = "rows") -> ShardedBatches:
-        """This process's deterministic micro-batches of ``rows`` (see :class:`~minift.train.ShardedBatches`).
+        """This process's deterministic micro-batches of ``rows`` (see :class:`~minift.train.batches.ShardedBatches`).
         Called before :meth:`load_model`, too few rows for one global batch fail before any weights load."""
         check_enough_rows(len(rows), self.cfg, self.accelerator.num_processes, what)
         return ShardedBatches(rows, self.cfg.per_device_train_batch_size, self.accelerator.num_processes,
                               self.accelerator.process_index, self.cfg.seed, collate)
 
     def online_batches(self, prompts: list, make_batch, *, what: str = "prompts") -> OnlineBatches:
-        """Micro-batches made during training from ``prompts`` (see :class:`~minift.train.OnlineBatches`)."""
+        """Micro-batches made during training from ``prompts`` (see :class:`~minift.train.batches.OnlineBatches`)."""
         check_enough_rows(len(prompts), self.cfg, self.accelerator.num_processes, what)
         return OnlineBatches(prompts, self.cfg.per_device_train_batch_size, self.accelerator.num_processes,
                              self.accelerator.process_index, self.cfg.seed, make_batch)
@@ -132,12 +142,12 @@ class Stage:
     @property
     def adapter_name(self) -> str | None:
         """The trainable adapter's name; None for a full fine-tune."""
-        return None if self.weights.full else ADAPTER
+        return None if self.weights.full else DEFAULT_ADAPTER
 
     def prepare(self, wrapper, batches, *, evaluate=None):
         """Optimizer and schedule for the trainable weights; ``wrapper`` (the module whose forward DDP watches)
         prepared for the launcher. ``batches``: anything with ``per_epoch`` and ``micro_batch(index)``
-        (:class:`~minift.train.ShardedBatches`, :class:`~minift.train.OnlineBatches`). ``evaluate(wrapper)``
+        (:class:`~minift.train.batches.ShardedBatches`, :class:`~minift.train.batches.OnlineBatches`). ``evaluate(wrapper)``
         returns metrics with ``eval_loss``; it runs every ``eval_steps`` and at the end."""
         cfg = self.cfg
         optimizer = make_optimizer(cfg, self.model)

@@ -1,7 +1,7 @@
 """Read records from local files, directories, ``save_to_disk`` datasets or the hub; split them.
 
 Every record keeps where it came from (``file:line`` or ``file: record N``), so a broken record
-fails with a message that names it. Turning records into training examples is ``minift.formats``.
+fails with a message that names it. Turning records into training examples is ``minift.data.formats``.
 """
 
 from __future__ import annotations

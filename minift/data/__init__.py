@@ -1,0 +1,1 @@
+"""Reading records from files and datasets, detecting their formats, chat templates and label masks, packing."""

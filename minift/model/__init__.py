@@ -1,0 +1,1 @@
+"""Loading base models and tokenizers (and the offline tiny model); attention over packed documents."""

@@ -1,0 +1,67 @@
+"""Step data: fixed datasets in deterministic sharded micro-batches, and data made during training."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from minift.config import ConfigError, TrainConfig
+
+
+class ShardedBatches:
+    """Deterministic micro-batches: epoch e shuffles the rows with ``seed + e``; global micro-batch j of
+    the epoch is rows ``perm[j*G:(j+1)*G]`` (G = per-device batch x processes); each process takes its
+    slice. A step covers micro-batches ``[step*accum, (step+1)*accum)``, so resuming at a step is exact
+    and N processes with batch b see the same data as one process with batch N*b."""
+
+    def __init__(self, rows: list, per_device: int, num_processes: int, rank: int, seed: int, collate):
+        self.rows, self.per_device, self.rank, self.seed, self.collate = rows, per_device, rank, seed, collate
+        self.global_batch = per_device * num_processes
+        self.per_epoch = len(rows) // self.global_batch
+        if self.per_epoch == 0:
+            raise ValueError(f"only {len(rows)} training rows, fewer than one global batch ({self.global_batch}); "
+                             f"lower per_device_train_batch_size or add data")
+        self._perm_epoch, self._perm = -1, None
+
+    def micro_batch(self, index: int) -> dict:
+        epoch, j = divmod(index, self.per_epoch)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.rows), generator=g).tolist(), epoch
+        start = j * self.global_batch + self.rank * self.per_device
+        return self.collate([self.rows[i] for i in self._perm[start: start + self.per_device]])
+
+
+class OnlineBatches:
+    """Training data made during training, e.g. rollouts: each micro-batch's prompts are drawn as
+    :class:`ShardedBatches` draws rows, and ``make_batch(prompts, seeds)`` turns them into a model batch.
+    ``seeds[k]`` depends only on the seed and prompt k's global position in the run, so a sampler seeded
+    with it gives the same batch for any number of processes and after a resume."""
+
+    def __init__(self, prompts: list, per_device: int, num_processes: int, rank: int, seed: int, make_batch):
+        self.prompts = ShardedBatches(prompts, per_device, num_processes, rank, seed, collate=list)
+        self.per_epoch, self.seed, self.make_batch = self.prompts.per_epoch, seed, make_batch
+
+    def micro_batch(self, index: int) -> dict:
+        prompts = self.prompts.micro_batch(index)
+        first = index * self.prompts.global_batch + self.prompts.rank * self.prompts.per_device
+        seeds = [(self.seed * 1_000_003 + first + k) % 2**62 for k in range(len(prompts))]
+        return self.make_batch(prompts, seeds)
+
+
+def check_enough_rows(n_rows: int, cfg: TrainConfig, num_processes: int, what: str) -> None:
+    """Fail before the model loads when the training data cannot fill one global batch."""
+    need = cfg.per_device_train_batch_size * num_processes
+    if n_rows < need:
+        procs = f" x {num_processes} processes" if num_processes > 1 else ""
+        raise ConfigError(f"{cfg.dataset_name_or_path}: the training data makes {n_rows} {what}, fewer than one "
+                          f"batch ({cfg.per_device_train_batch_size}{procs}); lower --per_device_train_batch_size to "
+                          f"{max(1, n_rows // num_processes)} or less, or add data")
+
+
+def total_steps(cfg: TrainConfig, per_epoch: int) -> int:
+    """Optimizer steps of a run: ``max_steps``, else the epochs' micro-batches over the accumulation."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.num_train_epochs * per_epoch / cfg.gradient_accumulation_steps))

@@ -1,0 +1,136 @@
+"""Forward wrappers DDP can see: summed cross-entropy (SFT) and per-sequence log-probs (preference, RL), with
+only labelled positions reaching the LM head, in chunks; and the SFT evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from minift.constants import IGNORE_INDEX
+from minift.lora.layers import ModulesToSave
+from minift.losses import chunked_cross_entropy
+from minift.losses.lm_head import segment_sums, token_logprobs
+from minift.model.attention import flat_forward
+
+
+def trained_tokens(batch: dict) -> torch.Tensor:
+    """Tokens that are prediction targets (labels shifted by one, as the model uses them)."""
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+class CausalLMLoss(nn.Module):
+    """Wraps a causal LM so that one forward (the one DDP watches) returns the summed cross-entropy
+    over trained tokens and their count. Only positions with a label reach the LM head, in chunks,
+    so ``[batch, seq, vocab]`` logits never exist."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = 4096):
+        super().__init__()
+        self.model, self.chunk_size = model, chunk_size
+
+    def _hidden_and_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        documents = {}
+        if "cu_seq_lens_q" in batch:  # a flat packed batch (collate_flat): attention within each document
+            bounds = batch["cu_seq_lens_q"]
+            longest = int((bounds[1:] - bounds[:-1]).max())
+            documents = {"cu_seq_lens_q": bounds, "cu_seq_lens_k": batch["cu_seq_lens_k"], "max_length_q": longest,
+                         "max_length_k": longest}
+        with flat_forward() if documents else contextlib.nullcontext():
+            out = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                        position_ids=batch.get("position_ids"), use_cache=False, **documents)
+        targets = batch["labels"][:, 1:]
+        mask = targets != IGNORE_INDEX
+        return out.last_hidden_state[:, :-1][mask], targets[mask]
+
+    def _logit_options(self) -> dict:
+        cfg = self.model.config
+        return {"softcap": getattr(cfg, "final_logit_softcapping", None), "scale": getattr(cfg, "logit_scale", None)}
+
+    def forward(self, **batch) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, targets = self._hidden_and_targets(batch)
+        head = self.model.get_output_embeddings()
+        if isinstance(head, ModulesToSave):
+            head = head.current()
+        if type(head) is nn.Linear:
+            loss = chunked_cross_entropy(hidden, head.weight, targets, chunk_size=self.chunk_size, bias=head.bias,
+                                         **self._logit_options())
+        else:  # a LoRA-wrapped or quantized head: recompute each chunk's logits in backward instead
+            loss = hidden.new_zeros((), dtype=torch.float32)
+            for h, t in zip(hidden.split(self.chunk_size), targets.split(self.chunk_size)):
+                loss = loss + checkpoint(self._chunk_loss, head, h, t, use_reentrant=False)
+        return loss, targets.numel()
+
+    def _chunk_loss(self, head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self._logits(head, h), t, reduction="sum")
+
+    def _logits(self, head: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()
+        opts = self._logit_options()
+        if opts["scale"]:
+            logits = logits * opts["scale"]
+        if opts["softcap"]:
+            logits = opts["softcap"] * torch.tanh(logits / opts["softcap"])
+        return logits
+
+    @torch.no_grad()
+    def eval_sums(self, batch: dict) -> torch.Tensor:
+        """``[summed cross-entropy, correct argmax predictions, trained tokens]`` for one batch."""
+        hidden, targets = self._hidden_and_targets(batch)
+        head = self.model.get_output_embeddings()
+        sums = torch.zeros(3, dtype=torch.float64)
+        for h, t in zip(hidden.split(self.chunk_size), targets.split(self.chunk_size)):
+            logits = self._logits(head, h)
+            sums[0] += F.cross_entropy(logits, t, reduction="sum").item()
+            sums[1] += (logits.argmax(-1) == t).sum().item()
+        sums[2] = targets.numel()
+        return sums
+
+
+class SequenceLogprobs(CausalLMLoss):
+    """Wraps a causal LM so that one forward returns, per sequence (padded rows) or per document (packed
+    rows with ``doc_index`` from ``collate_packed``), the summed completion log-prob ``(D,)`` float32 and
+    the completion token count ``(D,)``. As in :class:`CausalLMLoss`, only labelled positions reach the
+    LM head, in chunks: ``(batch, seq, vocab)`` logits never exist."""
+
+    def forward(self, **batch) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, targets = self._hidden_and_targets(batch)
+        labels = batch["labels"][:, 1:]
+        if "doc_index" in batch:
+            doc = batch["doc_index"][:, 1:][labels != IGNORE_INDEX]
+            n_docs = batch["doc_example_index"].shape[0]
+        else:
+            rows = torch.arange(labels.shape[0], device=labels.device)
+            doc, n_docs = rows[:, None].expand_as(labels)[labels != IGNORE_INDEX], labels.shape[0]
+        head = self.model.get_output_embeddings()
+        if isinstance(head, ModulesToSave):
+            head = head.current()
+        if type(head) is nn.Linear:
+            logps = token_logprobs(hidden, head.weight, targets, chunk_size=self.chunk_size, bias=head.bias,
+                                   **self._logit_options())
+        else:  # a LoRA-wrapped or quantized head: recompute each chunk's logits in backward
+            parts = [checkpoint(self._chunk_logps, head, h, t, use_reentrant=False)
+                     for h, t in zip(hidden.split(self.chunk_size), targets.split(self.chunk_size))]
+            logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+        return segment_sums(logps, doc, n_docs)
+
+    def _chunk_logps(self, head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return -F.cross_entropy(self._logits(head, h), t, reduction="none")
+
+
+def evaluate(accelerator, loss_model: CausalLMLoss, batches: list[dict]) -> dict[str, float]:
+    """Loss, perplexity and token accuracy over this process's eval batches, summed over processes."""
+    was_training = loss_model.training
+    loss_model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)
+    with accelerator.autocast():
+        for batch in batches:
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            sums += accelerator.unwrap_model(loss_model).eval_sums(batch)  # DDP does not expose eval_sums
+    loss_model.train(was_training)
+    sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
+    loss = (sums[0] / sums[2]).item() if sums[2] else float("nan")
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_token_acc": (sums[1] / sums[2]).item()}
