@@ -380,6 +380,8 @@ class DataSection:
     max_seq_length: int = _opt(128, "tokens per example (prompt + answer) and per packed row")
     packing: bool = _opt(True, "examples as documents of one padding-free row, no cross-document attention "
                                "(false: padded rows)")
+    pad_to_multiple_of: int = _opt(0, "padded rows (packing false): round each batch's length up to a multiple "
+                                      "of N, e.g. 8 for GPU tensor cores; 0 = off")
     truncation: str = _opt("truncate", "truncate or drop over-long examples")
     answer_eval_dataset: str | None = _opt("auto", "prompts with answers for greedy exact match; "
                                                    "auto = demo eval with demo data")
@@ -388,6 +390,7 @@ class DataSection:
     def check(self) -> None:
         _require([(self.truncation in ("truncate", "drop"), f"truncation must be truncate or drop, got {self.truncation!r}"),
                   (self.max_seq_length >= 2, f"max_seq_length must be >= 2, got {self.max_seq_length}"),
+                  (self.pad_to_multiple_of >= 0, f"pad_to_multiple_of must be >= 0, got {self.pad_to_multiple_of}"),
                   (bool(self.dataset_name_or_path), "dataset_name_or_path is required")])
         check_paths(self, ("dataset_name_or_path", "eval_dataset", "answer_eval_dataset"), ("chat_template",))
         if self.answer_eval_dataset == "auto":

@@ -130,7 +130,7 @@ def main(cfg: DPOConfig) -> dict:
     accelerator, tokenizer, loss = stage.accelerator, stage.load_tokenizer(), make_loss(cfg)
     pairs, data_report = build_pairs(cfg, tokenizer)  # data errors before weights load
     collate = partial(collate_pairs, pad_token_id=tokenizer.pad_token_id, packing=cfg.packing,
-                      max_seq_length=cfg.max_seq_length)
+                      max_seq_length=cfg.max_seq_length, pad_to_multiple_of=cfg.pad_to_multiple_of or None)
     batches = stage.fixed_batches(pairs["train"], collate, what="pairs")
     model = stage.load_model()
 

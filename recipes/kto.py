@@ -144,7 +144,7 @@ def main(cfg: KTOConfig) -> dict:
     accelerator, tokenizer = stage.accelerator, stage.load_tokenizer()
     examples, data_report = build_examples(cfg, tokenizer)  # data errors before weights load
     collate = partial(collate_examples, pad_token_id=tokenizer.pad_token_id, packing=cfg.packing,
-                      max_seq_length=cfg.max_seq_length)
+                      max_seq_length=cfg.max_seq_length, pad_to_multiple_of=cfg.pad_to_multiple_of or None)
     batches = stage.fixed_batches(examples["train"], collate, what="examples")
     model = stage.load_model()
 

@@ -67,7 +67,8 @@ def build_data(cfg: SFTConfig, tokenizer) -> tuple[list, list, callable, dict]:
         else:
             rows[split] = encoded
     pad = tokenizer.pad_token_id
-    collate = collate_flat if cfg.packing else (lambda b: collate_padded(b, pad))  # flat: one padding-free row
+    multiple = cfg.pad_to_multiple_of or None  # packed rows are flat: one padding-free row per micro-batch
+    collate = collate_flat if cfg.packing else (lambda b: collate_padded(b, pad, pad_to_multiple_of=multiple))
     return rows["train"], rows["eval"], collate, report
 
 

@@ -228,14 +228,6 @@ def test_directory_splits_and_saved_datasets(tmp_path):
     assert [r.data for r in load_records(tmp_path / "single")] == [{"text": "only"}]
 
 
-def test_streaming_is_lazy(tmp_path):
-    path = tmp_path / "big.jsonl"
-    path.write_bytes(b'{"text": "a"}\n{"text": "b"}\n' + b"\xff\xfe broken\n")
-    stream = load_records(path, streaming=True)
-    assert not isinstance(stream, list)
-    assert next(stream).data == {"text": "a"} and next(stream).data == {"text": "b"}
-
-
 def test_split_is_deterministic():
     records = list(range(100))
     train, val = split_records(records, 0.1, seed=3)

@@ -17,7 +17,6 @@ from minift.data.packing import (
     best_fit_decreasing,
     collate_packed,
     collate_padded,
-    length_grouped_batches,
     pack_examples,
     pack_pairs,
 )
@@ -250,25 +249,3 @@ def test_collate_padded_right_pads():
     batch = collate_padded(examples, pad_token_id=PAD, pad_to_multiple_of=4)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, 4)
     assert batch["attention_mask"].sum().item() == 4 and batch["labels"][:, 3].tolist() == [-100, -100]
-
-
-# ---------------------------------------------------------------- length-grouped batching
-
-def test_length_grouped_batches_cover_every_index_once_and_are_deterministic():
-    lengths = _lognormal_lengths(1000, seed=3)
-    batches = length_grouped_batches(lengths, 8, seed=7, mega_batch_mult=10)
-    assert sorted(i for b in batches for i in b) == list(range(1000))
-    assert all(len(b) == 8 for b in batches)  # 1000 = 125 * 8
-    assert batches == length_grouped_batches(lengths, 8, seed=7, mega_batch_mult=10)
-    assert batches != length_grouped_batches(lengths, 8, seed=8, mega_batch_mult=10)
-    assert max(lengths[i] for i in batches[0]) == max(lengths)  # the peak-memory batch comes first
-
-    def mean_spread(bs):
-        return np.mean([max(lengths[i] for i in b) / min(lengths[i] for i in b) for b in bs])
-
-    order = list(range(1000))
-    random.Random(7).shuffle(order)
-    random_batches = [order[k:k + 8] for k in range(0, 1000, 8)]
-    grouped, shuffled = mean_spread(batches), mean_spread(random_batches)  # ~1.5 and ~14 here
-    assert grouped < 2.0 and shuffled > 4 * grouped
-    assert length_grouped_batches([3, 1, 2], 2, seed=0) == [[0, 2], [1]]

@@ -367,6 +367,18 @@ def test_config_errors_exit_cleanly_before_loading_a_model(data64, tmp_path, tin
     assert not (tmp_path / "out").exists()
 
 
+def test_padded_rows_round_up_to_pad_to_multiple_of(sft, data64, tmp_path, tiny_dir):
+    """``packing false, pad_to_multiple_of 16``: every padded batch the recipe builds is a multiple of 16 wide."""
+    from minift.model.load import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_dir))
+    cfg = base_cfg(sft, data64, tmp_path, packing=False, pad_to_multiple_of=16)
+    rows, _, collate, _ = sft.build_data(cfg, tokenizer)
+    widths = {collate(rows[i: i + 3])["input_ids"].shape[1] for i in range(0, 30, 3)}
+    assert widths and all(w % 16 == 0 for w in widths), widths
+    assert min(widths) < max(len(r["input_ids"]) for r in rows)  # per batch, not the longest overall
+
+
 # ----------------------------------------------------------------------------- 7. NaN
 
 

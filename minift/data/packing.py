@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -286,27 +285,3 @@ def collate_padded(examples: Sequence[dict], pad_token_id: int, *,
         labels[b, :len(ids)] = torch.tensor(labs, dtype=torch.long)
         attention_mask[b, :len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def length_grouped_batches(lengths: Sequence[int], batch_size: int, *, seed: int,
-                           mega_batch_mult: int = 50) -> list[list[int]]:
-    """Batches of similar-length indices, random across the epoch: less padding than random batching.
-
-    Shuffle all indices with ``seed``, split them into mega-batches of ``batch_size * mega_batch_mult``,
-    sort each by length (longest first) and cut it into batches (the last may be smaller). The batch
-    holding the longest example goes first, so an out-of-memory shows at step 1. Every index appears
-    exactly once; the same seed gives the same batches.
-    """
-    if batch_size < 1 or mega_batch_mult < 1:
-        raise ValueError(f"batch_size and mega_batch_mult must be >= 1, got {batch_size} and {mega_batch_mult}")
-    order = list(range(len(lengths)))
-    random.Random(seed).shuffle(order)
-    mega = batch_size * mega_batch_mult
-    batches = []
-    for start in range(0, len(order), mega):
-        group = sorted(order[start:start + mega], key=lambda i: -lengths[i])  # stable: ties keep shuffle order
-        batches.extend(group[k:k + batch_size] for k in range(0, len(group), batch_size))
-    if batches:
-        longest = max(range(len(batches)), key=lambda k: lengths[batches[k][0]])
-        batches[0], batches[longest] = batches[longest], batches[0]
-    return batches

@@ -27,17 +27,14 @@ class Record:
     source: str  # "file.jsonl:12", "file.json: record 3", "hub:name[train] record 7"
 
 
-def load_records(source: str | Path, split: str | None = None, *, streaming: bool = False) -> list[Record] | Iterator[Record]:
+def load_records(source: str | Path, split: str | None = None) -> list[Record]:
     """Records from a file, a directory of files, a ``save_to_disk`` dataset, or a hub dataset name.
 
     Directories: with ``split="train"`` files whose name mentions a validation word (``validation``,
     ``valid``, ``val``, ``dev``, ``eval``, ``test``) are left out; with ``split="validation"`` only those
-    are read. ``streaming=True`` yields records lazily instead of reading everything into a list.
+    are read.
     """
-    records = _iter_records(source, split)
-    if streaming:
-        return records
-    records = list(records)
+    records = list(_iter_records(source, split))
     if not records:
         raise RecordError(f"{source} holds no records" + (f" for split {split!r}" if split else ""))
     return records

@@ -7,8 +7,8 @@ from torch import nn
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int = 64,
-             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> list[list[int]]:
+def generate(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
+             batch_size: int = 64) -> list[list[int]]:
     """Completion token ids for each prompt (left-padded in batches), cut before the first EOS.
 
     ``prompts``: token id lists (already rendered with the chat template). Greedy by default.
@@ -27,10 +27,9 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_t
             for i, p in enumerate(chunk):
                 ids[i, width - len(p):] = torch.tensor(p)
                 mask[i, width - len(p):] = 1
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {
-                "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+            greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                 pad_token_id=pad, eos_token_id=eos, **sampling)
+                                 pad_token_id=pad, eos_token_id=eos, **greedy)
             for row in out[:, width:].tolist():
                 completions.append(row[: row.index(eos)] if eos in row else row)
     finally:

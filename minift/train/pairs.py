@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 REFERENCE_FREE = ("simpo", "cpo", "orpo")  # losses computed from the policy alone
 
 
-def collate_pairs(pairs: list[dict], pad_token_id: int, *, packing: bool, max_seq_length: int) -> dict:
+def collate_pairs(pairs: list[dict], pad_token_id: int, *, packing: bool, max_seq_length: int,
+                  pad_to_multiple_of: int | None = None) -> dict:
     """Pairs (``chosen_input_ids/labels``, ``rejected_input_ids/labels``, ``index``) -> one model batch.
 
     Besides the model inputs it carries ``doc_example_index (D,)`` and ``doc_role (D,)`` (0 chosen,
@@ -45,7 +46,7 @@ def collate_pairs(pairs: list[dict], pad_token_id: int, *, packing: bool, max_se
     else:
         docs = [{"input_ids": p[f"{side}_input_ids"], "labels": p[f"{side}_labels"]}
                 for side in ("chosen", "rejected") for p in pairs]
-        batch = collate_padded(docs, pad_token_id)
+        batch = collate_padded(docs, pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
         batch["doc_example_index"] = torch.arange(len(pairs)).repeat(2)
         batch["doc_role"] = torch.arange(2).repeat_interleave(len(pairs))
     batch["pair_index"] = torch.tensor([p["index"] for p in pairs], dtype=torch.long)
