@@ -5,12 +5,30 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
 from minift.config import TrainConfig, config_to_dict
 
 logger = logging.getLogger(__name__)
+
+
+def start_trackers(accelerator, cfg: TrainConfig, project: str) -> None:
+    """Start ``cfg.report_to``'s tracker with the config, its files kept in output_dir unless the tracker's own
+    environment says otherwise: TensorBoard events in ``output_dir/<project>``, an offline or online W&B run's
+    files in ``output_dir/wandb``, and, without ``MLFLOW_TRACKING_URI``, an MLflow file store ``output_dir/mlruns``."""
+    out = Path(cfg.output_dir).resolve()
+    options = {}
+    if cfg.report_to == "wandb":
+        out.mkdir(parents=True, exist_ok=True)
+        options = {"wandb": {"dir": str(out)}}
+    if cfg.report_to == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI"):
+        import mlflow
+
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this opt-in to file stores
+        mlflow.set_tracking_uri((out / "mlruns").as_uri())
+    accelerator.init_trackers(project, config={k: str(v) for k, v in vars(cfg).items()}, init_kwargs=options)
 
 
 class MetricsLog:

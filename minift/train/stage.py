@@ -49,6 +49,7 @@ from minift.train.outputs import (
     Throughput,
     plot_losses,
     push_to_hub,
+    start_trackers,
     write_model_card,
     write_run_json,
 )
@@ -171,7 +172,7 @@ class Stage:
             self.state["before"].update(self.answer_metrics(suffix="_before"))
         self.metrics = MetricsLog(self.accelerator, cfg.output_dir, resume_step=self.state["step"])
         if cfg.report_to != "none":
-            self.accelerator.init_trackers(f"minift-{self.name}", config={k: str(v) for k, v in vars(cfg).items()})
+            start_trackers(self.accelerator, cfg, f"minift-{self.name}")
         return self.state["step"]
 
     # ------------------------------------------------------------------ the loop
