@@ -284,3 +284,21 @@ def test_data_errors_fail_before_any_weights_load(tmp_path, tiny_dir):
         last = stderr.strip().splitlines()[-1]
         assert proc.returncode == 1 and "Traceback" not in stderr, (name, stderr[-2000:])
         assert last.startswith(f"error: {expected}"), (name, last)
+
+
+@pytest.mark.slow
+def test_data_errors_under_accelerate_launch(tmp_path, tiny_dir):
+    """``accelerate launch`` passes the recipe's one ``error:`` line through and exits 1; what it adds is its
+    own traceback of the child's exit status (``CalledProcessError``), after the line, with no traceback of
+    the recipe's."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", str(ROOT / "recipes" / "sft.py"),
+                           "--model_name_or_path", str(weightless_model(tiny_dir, tmp_path)),
+                           "--dataset_name_or_path", str(empty), "--output_dir", str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    at = lines.index(f"error: {empty} is empty")
+    assert all("recipes/sft.py" not in line for line in lines[:at]), proc.stderr[-2000:]
+    assert "CalledProcessError" in lines[-1] and "returned non-zero exit status 1" in lines[-1]
