@@ -168,7 +168,7 @@ def main(cfg: DPOConfig) -> dict:
         extra = {"preference_accuracy": result["eval_logps/accuracies"]} if "eval_logps/accuracies" in result else {}
         return {**extra, **greedy_pair_metrics(cfg, model, tokenizer, pairs["eval"])}
 
-    return stage.finish({}, data=data_report, after=final_metrics)
+    return stage.finish(data=data_report, after=final_metrics)
 
 
 if __name__ == "__main__":

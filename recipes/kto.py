@@ -166,7 +166,7 @@ def main(cfg: KTOConfig) -> dict:
         record = kto_step(accelerator, logps_model, reference, cfg, window, per_step)
         stage.update(record["loss"], record, units=per_step)
 
-    return stage.finish({}, data=data_report)
+    return stage.finish(data=data_report)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def main(cfg: SFTConfig) -> dict:
         loss, n_tokens = sft_step(accelerator, loss_model, window)
         stage.update(loss, {"loss": loss}, units=n_tokens)
 
-    return stage.finish({}, data=data_report)
+    return stage.finish(data=data_report)
 
 
 if __name__ == "__main__":

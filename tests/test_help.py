@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 
 
-@pytest.mark.parametrize("recipe,config", [("sft", "SFTConfig"), ("dpo", "DPOConfig"), ("sft_dpo", "ChainConfig")])
+@pytest.mark.parametrize("recipe,config", [("sft", "SFTConfig"), ("dpo", "DPOConfig"), ("kto", "KTOConfig"),
+                                           ("sft_dpo", "ChainConfig")])
 def test_every_recipe_option_has_a_help_text_and_one_default(recipe, config, monkeypatch, capsys):
     """Each flag of ``--help`` says what it is and states its default once, as a value (never "(computed)")."""
     from minift.config import parse_config
@@ -69,3 +70,19 @@ def test_a_full_precision_training_run_prints_no_bitsandbytes_warning(tiny_dir, 
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "gemm_4bit" not in proc.stderr and "bitsandbytes" not in proc.stderr, proc.stderr[-2000:]
     assert "sft done: 2 steps" in proc.stderr  # the final summary
+
+
+def test_the_loss_plot_without_matplotlib_is_skipped_with_one_message(caplog, tmp_path, monkeypatch):
+    """matplotlib is an extra (``.[plot]``): without it the plot is skipped, and said once per process, with
+    how to get it."""
+    import minift.train.outputs as outputs
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    monkeypatch.setattr(outputs, "_PLOT_SKIPPED", [])
+    history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]
+    with caplog.at_level("INFO", logger="minift.train.outputs"):
+        assert outputs.plot_losses(history, tmp_path / "a.png") is None
+        assert outputs.plot_losses(history, tmp_path / "b.png") is None
+    skipped = [r.getMessage() for r in caplog.records if "loss plot skipped" in r.getMessage()]
+    assert skipped == ["loss plot skipped: matplotlib is not installed (pip install 'minift[plot]')"]
+    assert not list(tmp_path.iterdir())

@@ -52,7 +52,7 @@ def main(cfg: ToyConfig) -> dict:
         mean = accelerator.reduce(total, "sum").item() / per_step
         stage.update(mean, {"loss": mean}, units=per_step)
         time.sleep(cfg.step_sleep)
-    return stage.finish({})
+    return stage.finish()
 
 
 if __name__ == "__main__":

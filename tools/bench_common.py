@@ -23,6 +23,7 @@ from minift.train.setup import cpu_has_native_bf16
 
 BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
 TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+RECIPES = os.path.join(os.path.dirname(TESTS), "recipes")
 
 
 def oracles():
@@ -94,26 +95,47 @@ def minift_sft_model(spec: dict, weights: str | None = None) -> nn.Module:
     return model
 
 
+def load_recipe(name: str):
+    """``recipes/<name>.py`` as a module (recipes/ is not a package): the benchmarks time the recipes' own steps."""
+    import importlib.util
+
+    module_name = f"minift_recipe_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, os.path.join(RECIPES, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+def bench_accelerator():
+    """A one-process CPU Accelerator in the benchmark's precision (bf16 autocast when PRECISION is bf16), as a
+    recipe's stage makes one."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True, mixed_precision="bf16" if PRECISION == "bf16" else "no")
+
+
 class MiniftSFT:
-    """minift's training step: ``CausalLMLoss`` (under bf16 autocast when PRECISION is bf16), mean over trained
-    tokens, backward, gradient clipping (1.0) and AdamW, as in recipes/sft.py. ``step`` returns the mean loss."""
+    """minift's training step: recipes/sft.py's ``sft_step`` (``CausalLMLoss`` prepared by Accelerate, so under bf16
+    autocast when PRECISION is bf16; mean over trained tokens; backward), then gradient clipping (1.0) and AdamW
+    as the stage does them. ``step`` returns the mean loss."""
 
     def __init__(self, model: nn.Module):
         from minift.train.forward import CausalLMLoss
 
-        self.model, self.loss_model = model, CausalLMLoss(model)
+        self.model, self.accelerator = model, bench_accelerator()
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=SFT_LR, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(self.params, lr=SFT_LR, weight_decay=0.0)
+        self.loss_model, self.optimizer = self.accelerator.prepare(CausalLMLoss(model), optimizer)
+        self.sft_step = load_recipe("sft").sft_step
 
     def step(self, batch: dict) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            ce, count = self.loss_model(**batch)
-        loss = ce / max(count, 1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, SFT_MAX_GRAD_NORM)
+        loss, _ = self.sft_step(self.accelerator, self.loss_model, [batch])
+        self.accelerator.clip_grad_norm_(self.params, SFT_MAX_GRAD_NORM)
         self.optimizer.step()
-        return loss.item()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
 
 
 def ragged_lengths(n: int, rng: random.Random) -> list[int]:

@@ -55,9 +55,9 @@ from bench_common import (
     SFT_MODEL,
     MiniftSFT,
     add_precision_argument,
-    autocast,
     build_sft_model,
     load_line,
+    load_recipe,
     minift_sft_model,
     oracles,
     precision,
@@ -116,18 +116,20 @@ class Memory:
 
 
 def run_minift(side: str, args: argparse.Namespace) -> dict:
-    """One minift side: warm-up steps, then ``args.steps`` timed ones; times, tokens, losses, memory."""
+    """One minift side: warm-up steps, then ``args.steps`` timed ones of recipes/dpo.py's ``dpo_step`` (or
+    recipes/sft.py's ``sft_step``), each followed by clipping and AdamW; times, tokens, losses, memory."""
     from minift.constants import DEFAULT_ADAPTER
     from minift.data.packing import collate_flat, pack_examples
     from minift.train.forward import SequenceLogprobs
-    from minift.train.pairs import PreferenceLoss, Reference, collate_pairs, pair_logps
+    from minift.train.pairs import PreferenceLoss, Reference, collate_pairs
 
     steps = step_batches(args)
     sft = MiniftSFT(minift_sft_model(SFT_MODEL))  # model, trainable params, AdamW(lr 1e-4, no weight decay)
-    model, params, optimizer = sft.model, sft.params, sft.optimizer
+    model, params, optimizer, accelerator = sft.model, sft.params, sft.optimizer, sft.accelerator
     logps_model = SequenceLogprobs(model)
     reference = Reference(logps_model, DEFAULT_ADAPTER)
-    loss_fn = PreferenceLoss("sigmoid", beta=BETA)
+    wrapped = accelerator.prepare(logps_model)  # as the stage prepares it: bf16 autocast when PRECISION is bf16
+    loss_fn, dpo_step = PreferenceLoss("sigmoid", beta=BETA), load_recipe("dpo").dpo_step
 
     def collate(batch_pairs: list[dict]) -> dict:
         return collate_pairs(batch_pairs, PAD, packing=side != "padded", max_seq_length=ROW)
@@ -137,9 +139,6 @@ def run_minift(side: str, args: argparse.Namespace) -> dict:
         import tempfile
         from pathlib import Path
 
-        from accelerate import Accelerator
-
-        accelerator = Accelerator(cpu=True, mixed_precision="bf16" if precision() == "bf16" else "no")
         torch.set_num_threads(args.threads)
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
@@ -152,17 +151,12 @@ def run_minift(side: str, args: argparse.Namespace) -> dict:
                     for p in batch_pairs for s in ("chosen", "rejected")]
             batch = collate_flat(pack_examples(docs, ROW)[0])
             return sft.step(batch), batch["input_ids"].numel()
-        optimizer.zero_grad(set_to_none=True)
         batch = collate(batch_pairs)
-        with autocast():
-            ref = reference(batch, "train")  # no grad; a table lookup when precomputed
-            policy = pair_logps(logps_model, batch)  # chosen and rejected in one forward
-            losses, _, _ = loss_fn(policy, ref)
-        loss = losses.sum() / len(batch_pairs)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        record = dpo_step(accelerator, wrapped, reference, loss_fn, [batch], len(batch_pairs))
+        accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
         optimizer.step()
-        return loss.item(), batch["input_ids"].numel()
+        optimizer.zero_grad(set_to_none=True)
+        return record["loss"], batch["input_ids"].numel()
 
     memory, times, cpu, cells, losses = Memory(), [], [], [], []
     memory.start()

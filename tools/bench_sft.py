@@ -254,7 +254,7 @@ def bench_sft_vocab(args: argparse.Namespace) -> bool:
 SFT_DEFAULTS = {"dense": (6, 2, 1), "ragged": (8, 2, 1), "vocab": (2, 1, 3), "trl": (6, 1, 2)}
 
 
-def bench_sft(args: argparse.Namespace) -> bool:
+def run(args: argparse.Namespace) -> bool:
     """SFT step of model A (LoRA r16): dense, ragged (packing), vocab (chunked CE), trl parts."""
     torch.set_num_threads(args.threads)
     set_precision(args.precision)
@@ -285,7 +285,7 @@ def bench_sft(args: argparse.Namespace) -> bool:
     return all(passed.values())
 
 
-def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--part", choices=(*SFT_PARTS, "all"), default="all", help="which part to run (default all)")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed steps per side (per process for vocab and trl); default dense 6, ragged 8, "

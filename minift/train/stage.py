@@ -2,14 +2,15 @@
 
     stage = Stage(cfg, "sft")                      # output dir check, Accelerator, logging, seed
     tokenizer = stage.load_tokenizer()             # data is read and checked with it before weights load
+    batches = stage.fixed_batches(rows, collate)   # or stage.online_batches(prompts, make_batch)
     model = stage.load_model()                     # base + frozen init adapter + trainable adapter
-    wrapper = stage.prepare(CausalLMLoss(model), ShardedBatches(...), evaluate=...)
+    wrapper = stage.prepare(CausalLMLoss(model), batches, evaluate=...)   # optimizer, schedule
     if stage.resume() == 0:                        # checkpoint, RNG and data position, when resuming
-        stage.state["before"].update(...)          # metrics before training (kept across resumes)
+        stage.state["before"].update(...)          # more metrics before training (kept in checkpoints)
     for window in stage.steps():                   # the micro-batches of each optimizer step
         ...forward, loss, backward: the recipe's own...
         stage.update(loss, {"loss": loss}, units=n_tokens)   # NaN check, clip, step, log, eval, checkpoint
-    stage.finish(result, data=report)              # adapter / model, merge, hub, plot, run.json, summary
+    stage.finish(data=report)                      # adapter / model, merge, card, hub, plot, run.json, summary
 
 Everything here works the same with one process or many (``accelerate launch``).
 """
@@ -239,13 +240,14 @@ class Stage:
 
     # ------------------------------------------------------------------ the end
 
-    def finish(self, metrics: dict, *, data: dict | None = None, after=None) -> dict:
-        """Save the adapter (or model, with its tokenizer), then ``after(result)`` (the recipe's final
-        generation metrics, main process), merge, hub push, loss plot, model card, ``run.json`` and a
-        summary. Returns the result: step, train and eval metrics, the metrics before training, ``metrics``."""
+    def finish(self, *, data: dict | None = None, after=None) -> dict:
+        """Save the adapter (or model, with its tokenizer), measure exact match, then ``after(result)`` (the
+        recipe's own final metrics, main process), merge, model card, hub push, loss plot, ``run.json`` (with
+        ``data``, the recipe's data report) and a summary. Returns the result: step, train and eval metrics,
+        the metrics before training and after."""
         cfg = self.cfg
         result = {"step": self.state["step"], "train_loss": self.last_record.get("loss"), **self.eval_result,
-                  **self.state["before"], **metrics}
+                  **self.state["before"]}
         if self.accelerator.is_main_process:
             saved = self.weights.save(self.out)
             if self.weights.full:  # a full fine-tune is a whole model directory: keep its tokenizer with it
@@ -272,7 +274,7 @@ class Stage:
 
     def summary(self, result: dict, saved: Path, merged, run: Path, seconds: float) -> str:
         shown = {k: v for k, v in result.items() if isinstance(v, float) and (
-            k in ("train_loss", "eval_loss") or "accura" in k or "greedy" in k)}
+            k in ("train_loss", "eval_loss", "eval_ranking") or "accura" in k or "greedy" in k)}
         lines = [f"{self.name} done: {result['step']} steps in {seconds:.0f} s"]
         lines += [f"  {k}: {v:.4f}" for k, v in shown.items()]
         lines.append(f"  {'model' if self.weights.full else 'adapter'}: {saved}")
