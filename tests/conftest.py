@@ -5,7 +5,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +101,28 @@ def assert_same_adapter(a_dir, b_dir, atol: float = 1e-5) -> None:
         assert delta.abs().max() <= atol, (key, delta.abs().max().item())
     diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     assert (diffs > atol).float().mean() <= 1e-3, diffs.topk(5).values
+
+
+# ----------------------------------------------------------------------------- killing a run mid-training
+
+
+def sigkill_when(victim: subprocess.Popen, marker: Path, timeout: float = 240) -> None:
+    """SIGKILL ``victim`` as soon as ``marker`` (a checkpoint's trainer_state.json) exists; fail if the run
+    exits first or the marker does not appear within ``timeout`` s. The process is gone afterwards."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not marker.exists():
+            if victim.poll() is not None:
+                pytest.fail(f"the run to be killed exited ({victim.returncode}) before writing {marker.parent.name}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{marker.parent.name} did not appear within {timeout:.0f} s")
+            time.sleep(0.005)
+        os.kill(victim.pid, signal.SIGKILL)
+        assert victim.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
 
 
 # ----------------------------------------------------------------------------- running recipes in-process

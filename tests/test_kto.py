@@ -4,15 +4,12 @@ SFT's exact match; its mismatched twins are built right; a SIGKILLed run resumes
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import load_recipe
+from conftest import load_recipe, sigkill_when
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,18 +76,7 @@ def test_kto_resume_after_sigkill_equals_uninterrupted_run(tmp_path, tiny_dir):
                                  stderr=subprocess.PIPE, text=True)
     victim = subprocess.Popen([*args, "--output_dir", str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while not (killed / "checkpoint-4" / "trainer_state.json").exists():
-            assert victim.poll() is None, f"the run exited ({victim.returncode}) before checkpoint-4"
-            assert time.monotonic() < deadline, "checkpoint-4 did not appear within 240 s"
-            time.sleep(0.005)
-        os.kill(victim.pid, signal.SIGKILL)
-        assert victim.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait()
+    sigkill_when(victim, killed / "checkpoint-4" / "trainer_state.json")
     if (killed / "checkpoint-8").exists() or (killed / "adapter").exists():
         pytest.fail("the run got past step 8 before SIGKILL landed; the test needs slower steps")
     resumed = subprocess.run([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "auto"], cwd=ROOT,

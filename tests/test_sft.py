@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from conftest import (
     load_recipe,
     model_for_training,
     reset_accelerate,
+    sigkill_when,
 )
 from safetensors.torch import load_file
 
@@ -154,20 +154,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(data64, tmp_path, tiny_di
                                  stderr=subprocess.PIPE, text=True)
     victim = subprocess.Popen([*cmd, "--output_dir", str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while not (killed / "checkpoint-10" / "trainer_state.json").exists():
-            if victim.poll() is not None:
-                pytest.fail(f"the run to be killed exited ({victim.returncode}) before writing checkpoint-10")
-            if time.monotonic() > deadline:
-                pytest.fail("checkpoint-10 did not appear within 240 s")
-            time.sleep(0.005)
-        os.kill(victim.pid, signal.SIGKILL)
-        assert victim.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait()
+    sigkill_when(victim, killed / "checkpoint-10" / "trainer_state.json")
     if (killed / "checkpoint-20").exists() or (killed / "adapter").exists():
         pytest.fail("the run finished before SIGKILL landed; the test needs slower steps (raise max_seq_length)")
     assert max(logged(killed)) < 20

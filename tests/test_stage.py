@@ -5,17 +5,14 @@ atomicity and pruning, schedules, the output-directory guard, and data errors be
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_adapter, reset_accelerate
+from conftest import assert_same_adapter, reset_accelerate, sigkill_when
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,18 +41,7 @@ def test_toy_objective_resumes_exactly_after_sigkill(tmp_path, tiny_dir):
     reference = toy("--output_dir", whole, "--save_steps", "8", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     victim = toy("--output_dir", killed, "--save_steps", "8", "--step_sleep", "0.3", stdout=subprocess.DEVNULL,
                  stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while not (killed / "checkpoint-8" / "trainer_state.json").exists():
-            assert victim.poll() is None, f"the run exited ({victim.returncode}) before checkpoint-8"
-            assert time.monotonic() < deadline, "checkpoint-8 did not appear within 240 s"
-            time.sleep(0.005)
-        os.kill(victim.pid, signal.SIGKILL)
-        assert victim.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait()
+    sigkill_when(victim, killed / "checkpoint-8" / "trainer_state.json")
     assert not (killed / "adapter").exists() and max(logged(killed)) < 10
     resumed = subprocess.run([sys.executable, str(TOY), "--output_dir", str(killed), "--save_steps", "8",
                               "--resume_from_checkpoint", "auto"], cwd=ROOT, capture_output=True, text=True,
