@@ -349,3 +349,24 @@ def test_chain_checks_both_stage_configs_before_training(tmp_path):
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
         assert not (tmp_path / "out" / "sft").exists()  # nothing trained
+
+
+def test_a_resumed_run_keeps_the_metrics_measured_before_training(dpo, pairs48, tmp_path, in_process):
+    """The ``*_before`` metrics (held-out ranking of the start model and of the bare base) are measured once, at
+    step 0, and kept in the checkpoint: the run.json of a resumed run has them, equal to the whole run's."""
+    from conftest import reset_accelerate
+
+    def run(out, **kw):
+        reset_accelerate()
+        return dpo.main(cfg_for(dpo, pairs48, out, max_steps=4, save_steps=2, validation_split=0.25, **kw))
+
+    whole = tmp_path / "whole"
+    full = run(whole)
+    stopped = tmp_path / "stopped"
+    shutil.copytree(whole, stopped)
+    for leftover in ("checkpoint-4", "adapter", "run.json"):
+        shutil.rmtree(stopped / leftover) if (stopped / leftover).is_dir() else (stopped / leftover).unlink()
+    resumed = run(stopped, resume_from_checkpoint="auto")
+    metrics = json.loads((stopped / "run.json").read_text())["metrics"]
+    for key in ("preference_accuracy_before", "preference_accuracy_base"):
+        assert key in full and resumed[key] == metrics[key] == full[key], key

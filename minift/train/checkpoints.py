@@ -3,8 +3,11 @@ pruning that keeps the newest and the best, and the final weights (adapter or fu
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -12,8 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from minift.config import ConfigError
 from minift.constants import DEFAULT_ADAPTER
 from minift.lora.adapters import atomic_directory, load_adapter, save_adapter
+
+logger = logging.getLogger(__name__)
 
 
 def _rng_state() -> dict:
@@ -49,6 +55,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, weights: "Weights", opt
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(rng_states, tmp / "rng.pt")
             (tmp / "trainer_state.json").write_text(json.dumps({**state, "checkpoint": str(path)}, indent=2))
+            write_manifest(tmp)
         prune_checkpoints(Path(output_dir), save_total_limit, keep=[path, state.get("best_checkpoint")])
     accelerator.wait_for_everyone()
     return path
@@ -87,12 +94,61 @@ class Weights:
                              f"unexpected {result.unexpected_keys[:3]}")
 
 
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+MANIFEST = "manifest.json"  # every other file of a checkpoint with its size and SHA-256
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """The ``checkpoint-<step>`` directories of output_dir, oldest first (other names are not checkpoints)."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and CHECKPOINT.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT.fullmatch(p.name).group(1)))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (directory / MANIFEST).write_text(json.dumps(entries, indent=1))
+
+
+def checkpoint_damage(path: Path) -> str | None:
+    """What is wrong with the checkpoint at ``path``, or None when every file is as it was saved."""
+    try:
+        entries = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"it has no {MANIFEST} (an interrupted save, or a checkpoint of a minift without checksums)"
+    except (OSError, ValueError):
+        return f"{MANIFEST} is unreadable"
+    if not isinstance(entries, dict) or "trainer_state.json" not in entries:
+        return f"{MANIFEST} is damaged"
+    for name, entry in entries.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        saved = entry.get("bytes") if isinstance(entry, dict) else None
+        if file.stat().st_size != saved:
+            return f"{name} has {file.stat().st_size} bytes, not the {saved} saved"
+        if _sha256(file) != entry.get("sha256"):
+            return f"{name} does not match its checksum (changed or corrupted after the save)"
+    step = json.loads((path / "trainer_state.json").read_text()).get("step")
+    if CHECKPOINT.fullmatch(path.name) and step != int(CHECKPOINT.fullmatch(path.name).group(1)):
+        return f"trainer_state.json says step {step}"
+    return None
+
+
 def prune_checkpoints(output_dir: Path, limit: int, keep: list) -> None:
     """Delete the oldest checkpoints beyond ``limit``, never one in ``keep`` (the newest and the best)."""
     if limit <= 0:
         return
     keep = {str(Path(k).resolve()) for k in keep if k}  # resolved: a resumed run may spell output_dir differently
-    found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    found = checkpoints(output_dir)
     extra = len(found) - limit
     for path in found:
         if extra <= 0:
@@ -102,15 +158,36 @@ def prune_checkpoints(output_dir: Path, limit: int, keep: list) -> None:
             extra -= 1
 
 
+def newest_intact_checkpoint(output_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint whose files match their checksums, and what is wrong with each newer one."""
+    damaged = []
+    for path in reversed(checkpoints(output_dir)):
+        damage = checkpoint_damage(path)
+        if damage is None:
+            return path, damaged
+        damaged.append(f"{path.name}: {damage}")
+    return None, damaged
+
+
 def find_checkpoint(output_dir: str, spec: str) -> Path | None:
-    """``auto``: the newest ``checkpoint-N`` in output_dir (None if there is none); else the given path."""
+    """``auto``: the newest intact ``checkpoint-N`` in output_dir (None if there is none; damaged newer ones are
+    skipped with a warning that names the damage); else the given path, which must be intact."""
     if spec != "auto":
         path = Path(spec)
         if not (path / "trainer_state.json").is_file():
             raise FileNotFoundError(f"{path} is not a checkpoint (no trainer_state.json)")
+        damage = checkpoint_damage(path)
+        if damage:
+            raise ConfigError(f"checkpoint {path} is damaged: {damage}; resume from another checkpoint or "
+                              f"start afresh with --overwrite_output_dir true")
         return path
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
+    path, damaged = newest_intact_checkpoint(output_dir)
+    if damaged and path is None:
+        raise ConfigError(f"no intact checkpoint in {output_dir} ({'; '.join(damaged)}); start afresh with "
+                          f"--overwrite_output_dir true instead of --resume_from_checkpoint")
+    if damaged:
+        logger.warning("skipping damaged checkpoints (%s); resuming from %s", "; ".join(damaged), path)
+    return path
 
 
 def load_checkpoint(path: Path, accelerator, weights: Weights, optimizer, scheduler) -> dict:

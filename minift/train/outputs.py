@@ -38,8 +38,19 @@ class MetricsLog:
         self.accelerator, self.path = accelerator, Path(output_dir) / "metrics.jsonl"
         self.history: list[dict] = []
         if accelerator.is_main_process and self.path.exists():  # keep what a resumed run already logged
-            lines = self.path.read_text().splitlines()
-            self.history = [r for r in map(json.loads, lines) if r.get("step", 0) <= resume_step]
+            records, torn = [], []
+            for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line cut short by a kill mid-write
+                    torn.append(number)
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= resume_step:
+                    records.append(record)
+            if torn:
+                logger.warning("%s: dropped unreadable line(s) %s (cut short when the run was killed)", self.path,
+                               ", ".join(map(str, torn)))
+            self.history = records
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
 
     def log(self, metrics: dict, step: int) -> None:
@@ -89,13 +100,22 @@ def write_run_json(cfg: TrainConfig, output_dir: str, **fields) -> Path:
     return path
 
 
+class HubPushError(RuntimeError):
+    """The upload failed; everything it would have uploaded is saved locally."""
+
+
 def push_to_hub(folder: Path, repo_id: str, *, private: bool, message: str) -> str:
     """Upload ``folder`` to ``repo_id`` as one commit (token from HF_TOKEN or the login cache; never logged)."""
     from huggingface_hub import HfApi
 
-    api = HfApi()
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=message)
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=message)
+    except Exception as err:  # offline, a bad token, no rights: the run itself is done and saved
+        raise HubPushError(f"pushing {folder} to {repo_id} failed ({type(err).__name__}: {err}); everything is "
+                           f"saved locally in {folder.parent}; push it later with: hf upload "
+                           f"{repo_id} {folder}") from err
     return f"https://huggingface.co/{repo_id}"
 
 

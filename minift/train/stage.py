@@ -42,10 +42,12 @@ from minift.train.checkpoints import (
     Weights,
     find_checkpoint,
     load_checkpoint,
+    newest_intact_checkpoint,
     save_checkpoint,
 )
 from minift.train.generation import answer_eval_examples, answer_metrics
 from minift.train.outputs import (
+    HubPushError,
     MetricsLog,
     Throughput,
     plot_losses,
@@ -164,6 +166,10 @@ class Stage:
         """Restore the newest (or the given) checkpoint when ``resume_from_checkpoint`` is set; start the
         metrics log and trackers. Returns the step training continues from (0: a fresh run)."""
         cfg = self.cfg
+        if cfg.resume_from_checkpoint and self.accelerator.is_main_process:
+            for leftover in self.out.glob(".checkpoint-*"):  # temp dirs of saves a kill interrupted
+                shutil.rmtree(leftover, ignore_errors=True)
+                logger.info("removed %s, left by an interrupted checkpoint save", leftover)
         checkpoint = find_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
         if checkpoint:
             self.state = {"before": {}, **load_checkpoint(checkpoint, self.accelerator, self.weights, self.optimizer,
@@ -204,8 +210,8 @@ class Stage:
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss} at step {step}; stopping. The last good checkpoint is "
-                f"{find_checkpoint(cfg.output_dir, 'auto') or 'none (none was saved yet)'}. Lower the learning "
-                f"rate or check the data.")
+                f"{newest_intact_checkpoint(cfg.output_dir)[0] or 'none (none was saved yet)'}. Lower the "
+                f"learning rate or check the data.")
         grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
         self.optimizer.step()
         self.scheduler.step()
@@ -261,14 +267,18 @@ class Stage:
             write_model_card(saved, cfg, self.name, result)
             if merged:
                 write_model_card(merged, cfg, self.name, result)
-            hub_url = push_to_hub(saved if cfg.push_adapter_only or merged is None else merged, cfg.hub_repo_id,
-                                  private=cfg.hub_private, message=cfg.hub_commit_message) if cfg.push_to_hub else None
             plot = plot_losses(self.metrics.history, self.out / "loss.png")
             seconds = round(time.time() - self.started, 2)
-            run = write_run_json(cfg, cfg.output_dir, stage=self.name, adapter=str(saved), parents=chain,
-                                 merged=merged, hub_url=hub_url, loss_plot=plot, metrics=result, data=data or {},
-                                 best_checkpoint=self.state["best_checkpoint"], seconds=seconds)
+            record = dict(stage=self.name, adapter=str(saved), parents=chain, merged=merged, hub_url=None,
+                          loss_plot=plot, metrics=result, data=data or {},
+                          best_checkpoint=self.state["best_checkpoint"], seconds=seconds)
+            run = write_run_json(cfg, cfg.output_dir, **record)  # everything is on disk before any upload
             logger.info("%s", self.summary(result, saved, merged, run, seconds))
+            if cfg.push_to_hub:
+                record["hub_url"] = push_to_hub(saved if cfg.push_adapter_only or merged is None else merged,
+                                                cfg.hub_repo_id, private=cfg.hub_private,
+                                                message=cfg.hub_commit_message)
+                write_run_json(cfg, cfg.output_dir, **record)
         end_stage(self.accelerator)
         return result
 
@@ -289,7 +299,7 @@ def run_recipe(main, config_class, doc: str) -> None:
     mistake printed as one ``error:`` line (exit status 1) instead of a traceback."""
     try:
         main(parse_config(config_class, description=doc.split("\n\n")[0]))
-    except (ConfigError, FileNotFoundError, RecordError) as err:
+    except (ConfigError, FileNotFoundError, RecordError, HubPushError) as err:
         sys.exit(f"error: {err}")
     finally:
         close_processes()
