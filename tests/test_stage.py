@@ -161,7 +161,11 @@ def test_a_checkpoint_appears_whole_or_not_at_all(tmp_path):
 
 
 def test_pruning_keeps_the_limit_the_newest_and_the_best(tmp_path):
-    from minift.train.checkpoints import find_checkpoint, prune_checkpoints, write_manifest
+    from minift.train.checkpoints import (
+        find_checkpoint,
+        prune_checkpoints,
+        write_manifest,
+    )
 
     for step in (2, 4, 6, 8, 10):
         (tmp_path / f"checkpoint-{step}").mkdir()
