@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
+import os
 import sys
 import types
 import typing
@@ -102,7 +104,13 @@ def read_yaml(path: str | Path) -> dict[str, tuple[Any, int]]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value}
+    lines: dict[str, int] = {}
+    for key, _ in node.value:
+        line = key.start_mark.line + 1
+        if key.value in lines:  # YAML itself lets the last one win, silently
+            raise ConfigError(f"{path}:{line}: key {key.value!r} is given twice (first on line {lines[key.value]}); "
+                              f"keep one")
+        lines[key.value] = line
     return {k: (v, lines.get(k, 0)) for k, v in data.items()}
 
 
@@ -287,6 +295,8 @@ class OptimSection:
         _require([
             (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
             (self.num_train_epochs > 0 or self.max_steps > 0, "set num_train_epochs > 0 or max_steps > 0"),
+            (math.isfinite(self.num_train_epochs) and math.isfinite(self.learning_rate),
+             f"num_train_epochs and learning_rate must be finite, got {self.num_train_epochs}, {self.learning_rate}"),
             (self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}"),
             (self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1"),
             (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
@@ -328,6 +338,12 @@ class CheckpointSection:
     resume_from_checkpoint: str | None = _opt(None, "a checkpoint dir or 'auto'")
 
     def check(self) -> None:
+        out = Path(self.output_dir).expanduser()
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"output_dir {out} is a file, not a directory")
+        existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+        if not os.access(existing, os.W_OK):
+            raise ValueError(f"output_dir {out}: {existing} is not writable")
         _require([(self.save_steps >= 0 and self.save_total_limit >= 0, "save_steps and save_total_limit must be >= 0"),
                   (not (self.overwrite_output_dir and self.resume_from_checkpoint),
                    "overwrite_output_dir and resume_from_checkpoint are exclusive: resume, or start afresh")])

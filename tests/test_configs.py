@@ -43,3 +43,37 @@ def test_unknown_yaml_key_names_file_line_and_suggestion(tmp_path):
     path.write_text("learning_rate: fast\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml:1: learning_rate: expected a number, got 'fast'"):
         parse_config(SFTConfig, ["--config", str(path)])
+
+
+def test_config_mistakes_that_used_to_pass_fail_before_anything_loads(tmp_path, monkeypatch):
+    """A key given twice in YAML (YAML keeps the last one, silently), non-finite epochs, an output_dir that is a
+    file or cannot be written, and max_seq_length 0: each is one ConfigError naming the setting (and the line)."""
+    from conftest import load_recipe
+
+    from minift.config import ConfigError, parse_config
+
+    sft = load_recipe("sft")
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("learning_rate: 1e-3\nmax_steps: 4\nlearning_rate: 2e-3\n")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    cases = {
+        "twice": (["--config", str(twice)], f"{twice}:3: key 'learning_rate' is given twice (first on line 1); keep one"),
+        "inf epochs": (["--num_train_epochs", "inf"], "command line: num_train_epochs and learning_rate must be finite, "
+                                                       "got inf, 0.004"),
+        "file": (["--output_dir", str(a_file)], f"command line: output_dir {a_file} is a file, not a directory"),
+        "seq 0": (["--max_seq_length", "0"], "command line: max_seq_length must be >= 2, got 0"),
+    }
+    import minift.config
+
+    # This machine's tests run as root, who may write anywhere: the permission answer is the operating system's.
+    writable = minift.config.os.access
+    monkeypatch.setattr(minift.config.os, "access", lambda path, mode: path != locked and writable(path, mode))
+    cases["unwritable"] = (["--output_dir", str(locked / "out")],
+                           f"command line: output_dir {locked / 'out'}: {locked} is not writable")
+    for name, (args, message) in cases.items():
+        with pytest.raises(ConfigError) as err:
+            parse_config(sft.SFTConfig, args)
+        assert str(err.value) == message, name
