@@ -1,7 +1,7 @@
 """SFT, then DPO starting from the SFT adapter: the two recipes chained by the adapters they save.
 
     accelerate launch recipes/sft_dpo.py                               # the bundled demo, CPU, a few minutes
-    accelerate launch recipes/sft_dpo.py --sft_config my_sft.yaml --dpo_config my_dpo.yaml --merge true
+    accelerate launch recipes/sft_dpo.py --sft_config my_sft.yaml --dpo_config my_dpo.yaml --merge true --output_dir out/my_chain
     accelerate launch --multi_gpu --num_processes 2 recipes/sft_dpo.py
 
 Writes ``output_dir/sft`` and ``output_dir/dpo`` (each stage's adapter, metrics and run.json),
