@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,11 @@ def test_wandb_offline_run_holds_the_logged_metrics(sft, data, tmp_path, in_proc
     out = tmp_path / "run"
     short_run(sft, data, out, report_to="wandb")
     (run_file,) = out.glob("wandb/offline-run-*/run-*.wandb")  # the run's files stay in output_dir
+    # wandb's writer is a separate process (wandb-core): wait, bounded, for the log's closing "exit" record.
+    deadline = time.monotonic() + 60
+    while not any(r.WhichOneof("record_type") == "exit" for r in wandb_records(run_file)):
+        assert time.monotonic() < deadline, f"{run_file} has no exit record after 60 s"
+        time.sleep(0.2)
     losses, config = {}, {}
     for record in wandb_records(run_file):
         if record.WhichOneof("record_type") == "history":

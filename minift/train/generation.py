@@ -1,9 +1,15 @@
-"""Batched greedy (or sampled) generation and exact match against reference answers."""
+"""Batched greedy generation and exact match against reference answers."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from minift.data.encode import encode_prompts
+from minift.data.formats import normalize_all
+from minift.data.read import load_records
+
+GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}  # unset sampling defaults
 
 
 @torch.no_grad()
@@ -11,7 +17,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_t
              batch_size: int = 64) -> list[list[int]]:
     """Completion token ids for each prompt (left-padded in batches), cut before the first EOS.
 
-    ``prompts``: token id lists (already rendered with the chat template). Greedy by default.
+    ``prompts``: token id lists (already rendered with the chat template).
     """
     was_training = model.training
     model.eval()
@@ -27,9 +33,8 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_t
             for i, p in enumerate(chunk):
                 ids[i, width - len(p):] = torch.tensor(p)
                 mask[i, width - len(p):] = 1
-            greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                 pad_token_id=pad, eos_token_id=eos, **greedy)
+                                 pad_token_id=pad, eos_token_id=eos, **GREEDY)
             for row in out[:, width:].tolist():
                 completions.append(row[: row.index(eos)] if eos in row else row)
     finally:
@@ -51,10 +56,6 @@ def answer_accuracy(model: nn.Module, tokenizer, examples: list[dict], *, max_ne
 def answer_eval_examples(path: str | None, tokenizer, *, max_prompt_length: int) -> list[dict]:
     """Prompts with reference answers (any prompt record format with an ``answer``) for :func:`answer_accuracy`,
     rendered with the chat template; none when ``path`` is None."""
-    from minift.data.encode import encode_prompts
-    from minift.data.formats import normalize_all
-    from minift.data.read import load_records
-
     if not path:
         return []
     prompts = normalize_all(load_records(path), "prompt")

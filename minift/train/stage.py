@@ -39,6 +39,7 @@ from minift.train.batches import (
     total_steps,
 )
 from minift.train.checkpoints import (
+    CHECKPOINT,
     Weights,
     find_checkpoint,
     load_checkpoint,
@@ -73,8 +74,8 @@ def check_output_dir(cfg: TrainConfig, is_main: bool) -> None:
     """Refuse to train into a directory holding an earlier run unless resuming it or told to overwrite it
     (then its checkpoints and logs are deleted; other files, such as cached reference log-probs, stay)."""
     out = Path(cfg.output_dir)
-    earlier = sorted(p.name for p in out.glob("*") if p.name in RUN_OUTPUTS or p.name.startswith(
-        ("checkpoint-", ".checkpoint-"))) if out.is_dir() else []
+    earlier = sorted(p.name for p in out.glob("*") if p.name in RUN_OUTPUTS or CHECKPOINT.fullmatch(p.name)
+                     or p.name.startswith(".checkpoint-")) if out.is_dir() else []  # not a user's checkpoint-notes/
     if not earlier or cfg.resume_from_checkpoint:
         return
     if not cfg.overwrite_output_dir:
