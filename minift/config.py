@@ -209,6 +209,24 @@ def config_to_dict(config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def run_settings(config) -> dict[str, Any]:
+    """The settings that define what a run trains: every field but those declared ``resumable`` (in the class
+    that declared the field, or any base), with existing paths resolved. ``eval_steps`` counts when early
+    stopping is on (then evaluation decides where training ends)."""
+    def resumable(name: str) -> bool:
+        return any(getattr(k, "__dataclass_fields__", {}).get(name) is not None
+                   and k.__dataclass_fields__[name].metadata.get("resumable") for k in type(config).__mro__)
+
+    settings = {}
+    for name, value in config_to_dict(config).items():
+        if resumable(name) and not (name == "eval_steps" and getattr(config, "early_stopping_patience", 0)):
+            continue
+        if isinstance(value, str) and value and Path(value).expanduser().exists():
+            value = str(Path(value).expanduser().resolve())
+        settings[name] = value
+    return settings
+
+
 def check_paths(cfg, maybe_hub: tuple[str, ...], files: tuple[str, ...] = ()) -> None:
     """Fail before anything loads on a path that does not exist. ``files`` are always local; ``maybe_hub``
     values count as paths only when they look like one (``./x``, ``/x``, ``~/x`` or a data file name such as
@@ -223,11 +241,13 @@ def check_paths(cfg, maybe_hub: tuple[str, ...], files: tuple[str, ...] = ()) ->
             raise FileNotFoundError(f"{name}: {value} does not exist")
 
 
-def _opt(default, help: str, **kw):
-    """A config field with its help text (``--help`` shows it with the default)."""
+def _opt(default, help: str, *, resumable: bool = False):
+    """A config field with its help text (``--help`` shows it with the default). ``resumable``: a resumed run may
+    change it (it alters what is logged, saved or measured, not what is trained)."""
+    metadata = {"help": help, "resumable": resumable}
     if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help}, **kw)
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _require(checks: list[tuple[bool, str]]) -> None:
@@ -315,8 +335,8 @@ class OptimSection:
 @dataclasses.dataclass
 class EvalSection:
     validation_split: float = _opt(0.05, "share of the data held out for eval")
-    per_device_eval_batch_size: int = _opt(16, "rows per process in evaluation")
-    eval_steps: int = _opt(0, "evaluate every N steps; 0 = at the end only")
+    per_device_eval_batch_size: int = _opt(16, "rows per process in evaluation", resumable=True)
+    eval_steps: int = _opt(0, "evaluate every N steps; 0 = at the end only", resumable=True)
     early_stopping_patience: int = _opt(0, "stop after N evals without improvement")
 
     def check(self) -> None:
@@ -330,12 +350,12 @@ class EvalSection:
 
 @dataclasses.dataclass
 class CheckpointSection:
-    output_dir: str = _opt("out/run", "where checkpoints, adapter and logs go")
+    output_dir: str = _opt("out/run", "where checkpoints, adapter and logs go", resumable=True)
     overwrite_output_dir: bool = _opt(False, "start afresh in an output_dir that holds an earlier run "
-                                             "(its checkpoints and logs are deleted)")
-    save_steps: int = _opt(0, "checkpoint every N steps; 0 = only at the end")
-    save_total_limit: int = _opt(0, "keep at most N checkpoints (best and newest kept)")
-    resume_from_checkpoint: str | None = _opt(None, "a checkpoint dir or 'auto'")
+                                             "(its checkpoints and logs are deleted)", resumable=True)
+    save_steps: int = _opt(0, "checkpoint every N steps; 0 = only at the end", resumable=True)
+    save_total_limit: int = _opt(0, "keep at most N checkpoints (best and newest kept)", resumable=True)
+    resume_from_checkpoint: str | None = _opt(None, "a checkpoint dir or 'auto'", resumable=True)
 
     def check(self) -> None:
         out = Path(self.output_dir).expanduser()
@@ -351,14 +371,14 @@ class CheckpointSection:
 
 @dataclasses.dataclass
 class OutputSection:
-    logging_steps: int = _opt(10, "log metrics every N steps")
-    report_to: str = _opt("none", "none, tensorboard, wandb or mlflow")
-    merge_output: bool = _opt(False, "also write a merged full model")
-    push_to_hub: bool = _opt(False, "upload the result (token: HF_TOKEN)")
-    hub_repo_id: str | None = _opt(None, "hub repository, e.g. me/my-adapter")
-    hub_private: bool = _opt(True, "create the hub repository as private")
-    push_adapter_only: bool = _opt(True, "push the adapter, not the merged model")
-    hub_commit_message: str = _opt("Upload from minift", "the hub commit's message")
+    logging_steps: int = _opt(10, "log metrics every N steps", resumable=True)
+    report_to: str = _opt("none", "none, tensorboard, wandb or mlflow", resumable=True)
+    merge_output: bool = _opt(False, "also write a merged full model", resumable=True)
+    push_to_hub: bool = _opt(False, "upload the result (token: HF_TOKEN)", resumable=True)
+    hub_repo_id: str | None = _opt(None, "hub repository, e.g. me/my-adapter", resumable=True)
+    hub_private: bool = _opt(True, "create the hub repository as private", resumable=True)
+    push_adapter_only: bool = _opt(True, "push the adapter, not the merged model", resumable=True)
+    hub_commit_message: str = _opt("Upload from minift", "the hub commit's message", resumable=True)
 
     def check(self) -> None:
         _require([
@@ -400,8 +420,8 @@ class DataSection:
                                       "of N, e.g. 8 for GPU tensor cores; 0 = off")
     truncation: str = _opt("truncate", "truncate or drop over-long examples")
     answer_eval_dataset: str | None = _opt("auto", "prompts with answers for greedy exact match; "
-                                                   "auto = demo eval with demo data")
-    max_new_tokens: int = _opt(16, "generation budget of the exact-match eval")
+                                                   "auto = demo eval with demo data", resumable=True)
+    max_new_tokens: int = _opt(16, "generation budget of the exact-match eval", resumable=True)
 
     def check(self) -> None:
         _require([(self.truncation in ("truncate", "drop"), f"truncation must be truncate or drop, got {self.truncation!r}"),

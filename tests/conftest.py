@@ -140,6 +140,16 @@ def load_recipe(name: str):
     return module
 
 
+def load_toy_objective():
+    """tests/toy_objective.py (a new objective written on the stage kit) as the module ``minift_toy_objective``."""
+    if "minift_toy_objective" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("minift_toy_objective", Path(__file__).parent / "toy_objective.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["minift_toy_objective"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["minift_toy_objective"]
+
+
 def model_for_training(cfg):
     """What a recipe's stage trains for ``cfg``: (model with its adapters, tokenizer with the chat template)."""
     from minift.data.encode import set_chat_template

@@ -353,7 +353,8 @@ def test_chain_checks_both_stage_configs_before_training(tmp_path):
 
 def test_a_resumed_run_keeps_the_metrics_measured_before_training(dpo, pairs48, tmp_path, in_process):
     """The ``*_before`` metrics (held-out ranking of the start model and of the bare base) are measured once, at
-    step 0, and kept in the checkpoint: the run.json of a resumed run has them, equal to the whole run's."""
+    step 0, and kept in the checkpoint: the run.json of a resumed run has them, equal to the whole run's. A resume
+    with another init adapter (another reference model) is refused."""
     from conftest import reset_accelerate
 
     def run(out, **kw):
@@ -366,6 +367,10 @@ def test_a_resumed_run_keeps_the_metrics_measured_before_training(dpo, pairs48, 
     shutil.copytree(whole, stopped)
     for leftover in ("checkpoint-4", "adapter", "run.json"):
         shutil.rmtree(stopped / leftover) if (stopped / leftover).is_dir() else (stopped / leftover).unlink()
+    from minift.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"cannot resume .*checkpoint-2: init_adapter None -> '.*whole/adapter'"):
+        run(stopped, resume_from_checkpoint="auto", init_adapter=str(whole / "adapter"))  # another reference model
     resumed = run(stopped, resume_from_checkpoint="auto")
     metrics = json.loads((stopped / "run.json").read_text())["metrics"]
     for key in ("preference_accuracy_before", "preference_accuracy_base"):

@@ -12,7 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_adapter, reset_accelerate, sigkill_when
+from conftest import (
+    assert_same_adapter,
+    load_toy_objective,
+    reset_accelerate,
+    sigkill_when,
+)
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,7 +209,7 @@ def test_an_earlier_run_is_refused_unless_resumed_or_overwritten(tmp_path, in_pr
     --overwrite_output_dir the old checkpoints and logs go, other files (a reference cache) stay."""
     from minift.config import ConfigError
 
-    toy_module = load_recipe_from(TOY)
+    toy_module = load_toy_objective()
     out = tmp_path / "run"
     cfg = toy_module.ToyConfig(output_dir=str(out), max_steps=2, save_steps=1)
     toy_module.main(cfg)
@@ -219,17 +224,6 @@ def test_an_earlier_run_is_refused_unless_resumed_or_overwritten(tmp_path, in_pr
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "metrics.jsonl", "reference_logps.safetensors",
                                                      "run.json"]
     assert list(logged(out)) == [1]
-
-
-def load_recipe_from(path: Path):
-    import importlib.util
-
-    if "minift_toy_objective" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("minift_toy_objective", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["minift_toy_objective"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["minift_toy_objective"]
 
 
 def weightless_model(tiny_dir: Path, tmp_path: Path) -> Path:
@@ -293,113 +287,3 @@ def test_data_errors_under_accelerate_launch(tmp_path, tiny_dir):
     at = lines.index(f"error: {empty} is empty")
     assert all("recipes/sft.py" not in line for line in lines[:at]), proc.stderr[-2000:]
     assert "CalledProcessError" in lines[-1] and "returned non-zero exit status 1" in lines[-1]
-
-
-# ----------------------------------------------------------------------------- damaged checkpoints
-
-
-def corrupt(path: Path, how: str) -> None:
-    data = path.read_bytes()
-    if how == "truncate":
-        path.write_bytes(data[: len(data) // 2])
-    elif how == "zero":
-        path.write_bytes(bytes(len(data)))
-    else:  # flip a byte in the middle
-        middle = len(data) // 2
-        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
-
-
-@pytest.fixture(scope="module")
-def toy_run(tmp_path_factory, tiny_dir):
-    """A finished toy run with checkpoint-2 and checkpoint-4, and the adapter of its uninterrupted end."""
-    from conftest import _ProcessState
-
-    out = tmp_path_factory.mktemp("toy-checkpoints") / "run"
-    with _ProcessState():
-        load_recipe_from(TOY).main(load_recipe_from(TOY).ToyConfig(output_dir=str(out), max_steps=6, save_steps=2,
-                                                                   save_total_limit=0))
-    return out
-
-
-def test_each_file_of_a_damaged_newest_checkpoint_is_caught_and_resume_falls_back(toy_run, tmp_path, caplog):
-    """Every file of checkpoint-6, truncated, zeroed or with a byte flipped: resume skips it with a warning that
-    names the file and the damage, and picks checkpoint-4; never the damaged one."""
-    from minift.train.checkpoints import find_checkpoint
-
-    files = sorted(p.relative_to(toy_run / "checkpoint-6") for p in (toy_run / "checkpoint-6").rglob("*")
-                   if p.is_file())
-    assert {"manifest.json", "trainer_state.json", "optimizer.pt", "rng.pt"} <= {str(f) for f in files}
-    for file in files:
-        for how in ("truncate", "zero", "flip"):
-            out = tmp_path / f"{file.name}-{how}"
-            shutil.copytree(toy_run, out)
-            corrupt(out / "checkpoint-6" / file, how)
-            caplog.clear()
-            with caplog.at_level("WARNING", logger="minift.train.checkpoints"):
-                assert find_checkpoint(str(out), "auto") == out / "checkpoint-4", (file, how)
-            assert "checkpoint-6: " in caplog.text and "resuming from" in caplog.text, (file, how)
-            if str(file) != "manifest.json":
-                assert str(file) in caplog.text, (file, how, caplog.text)
-            shutil.rmtree(out)
-
-
-def test_an_edited_step_a_named_damaged_checkpoint_and_no_intact_one_are_refused(toy_run, tmp_path):
-    from minift.config import ConfigError
-    from minift.train.checkpoints import find_checkpoint
-
-    out = tmp_path / "run"
-    shutil.copytree(toy_run, out)
-    state = out / "checkpoint-6" / "trainer_state.json"
-    state.write_text(state.read_text().replace('"step": 6', '"step": 5'))  # same length: only the checksum can tell
-    with pytest.raises(ConfigError, match=r"checkpoint-6 is damaged: trainer_state.json does not match its checksum"):
-        find_checkpoint(str(out), str(out / "checkpoint-6"))
-    for name in ("checkpoint-2", "checkpoint-4"):
-        corrupt(out / name / "optimizer.pt", "flip")
-    with pytest.raises(ConfigError, match=r"no intact checkpoint in .*checkpoint-6: trainer_state.json .*"
-                                          r"checkpoint-4: optimizer.pt .*--overwrite_output_dir true"):
-        find_checkpoint(str(out), "auto")
-
-
-def test_resume_skips_a_damaged_checkpoint_ignores_strays_and_ends_like_an_uninterrupted_run(toy_run, tmp_path,
-                                                                                             in_process, caplog):
-    """A killed run's state: checkpoint-6 damaged, no final adapter, an abandoned temp dir of a save, an unrelated
-    ``checkpoint-notes`` directory and a torn last metrics line. ``--resume_from_checkpoint auto`` resumes at
-    step 4, removes the temp dir, drops the torn line, and ends with the uninterrupted run's adapter."""
-    out = tmp_path / "run"
-    shutil.copytree(toy_run, out)
-    for leftover in ("adapter", "run.json"):
-        shutil.rmtree(out / leftover) if (out / leftover).is_dir() else (out / leftover).unlink()
-    corrupt(out / "checkpoint-6" / "rng.pt", "flip")
-    (out / ".checkpoint-8.tmp-abc123").mkdir()
-    (out / "checkpoint-notes").mkdir()
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write('{"step": 7, "lo')
-    toy = load_recipe_from(TOY)
-    with caplog.at_level("INFO"):
-        toy.main(toy.ToyConfig(output_dir=str(out), max_steps=6, save_steps=2, resume_from_checkpoint="auto"))
-    assert "at step 4" in caplog.text and "rng.pt does not match its checksum" in caplog.text
-    assert "dropped unreadable line(s) 7" in caplog.text
-    assert not (out / ".checkpoint-8.tmp-abc123").exists() and (out / "checkpoint-notes").is_dir()
-    a = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(toy_run / "adapter" / "adapter_model.safetensors"))
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
-    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
-
-
-def test_a_failed_hub_push_keeps_everything_and_says_where(tmp_path, in_process, monkeypatch):
-    import huggingface_hub
-
-    from minift.train.outputs import HubPushError
-
-    class OfflineApi:
-        def create_repo(self, *a, **k):
-            raise ConnectionError("no network")
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
-    toy = load_recipe_from(TOY)
-    out = tmp_path / "run"
-    with pytest.raises(HubPushError, match=rf"pushing {out / 'adapter'} to me/toy failed \(ConnectionError: no "
-                                           rf"network\); everything is saved locally in {out}"):
-        toy.main(toy.ToyConfig(output_dir=str(out), max_steps=2, push_to_hub=True, hub_repo_id="me/toy"))
-    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "adapter" / "README.md").is_file()
-    assert json.loads((out / "run.json").read_text())["metrics"]["step"] == 2

@@ -24,7 +24,8 @@ class ToyConfig(TrainConfig):
     lora_dropout: float = 0.1
     logging_steps: int = 1
     seq_len: int = field(default=48, metadata={"help": "tokens per sequence"})
-    step_sleep: float = field(default=0.0, metadata={"help": "seconds to pause after each step (for kill tests)"})
+    step_sleep: float = field(default=0.0, metadata={"help": "seconds to pause after each step (for kill tests)",
+                                                        "resumable": True})
 
 
 def main(cfg: ToyConfig) -> dict:

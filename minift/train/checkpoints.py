@@ -190,6 +190,23 @@ def find_checkpoint(output_dir: str, spec: str) -> Path | None:
     return path
 
 
+def check_same_run(path: Path, settings: dict) -> None:
+    """Refuse to resume the checkpoint at ``path`` with settings (see :func:`minift.config.run_settings`) that
+    differ from those it was trained with: naming each change, and how to start afresh instead."""
+    saved = json.loads((path / "trainer_state.json").read_text()).get("settings")
+    if saved is None:
+        raise ConfigError(f"{path} records no run settings (an older minift saved it), so resuming it cannot be "
+                          f"checked; start afresh with --overwrite_output_dir true or another --output_dir")
+    current = json.loads(json.dumps(settings, default=str))
+    unset = "(unset)"
+    changed = [f"{k} {saved.get(k, unset)!r} -> {current.get(k, unset)!r}" for k in sorted(saved.keys() | current.keys())
+               if saved.get(k, unset) != current.get(k, unset)]
+    if changed:
+        raise ConfigError(f"cannot resume {path}: {'; '.join(changed)}. These settings change what the run trains; "
+                          f"resume with the checkpoint's values, or start afresh with --overwrite_output_dir true "
+                          f"or another --output_dir")
+
+
 def load_checkpoint(path: Path, accelerator, weights: Weights, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and this process's RNG; return the trainer state."""
     weights.load(path)

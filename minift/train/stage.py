@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from minift.config import ConfigError, TrainConfig, parse_config
+from minift.config import ConfigError, TrainConfig, parse_config, run_settings
 from minift.constants import DEFAULT_ADAPTER
 from minift.data.encode import set_chat_template
 from minift.data.read import RecordError
@@ -41,6 +41,7 @@ from minift.train.batches import (
 from minift.train.checkpoints import (
     CHECKPOINT,
     Weights,
+    check_same_run,
     find_checkpoint,
     load_checkpoint,
     newest_intact_checkpoint,
@@ -100,13 +101,30 @@ class Stage:
         check_output_dir(cfg, self.accelerator.is_main_process)
         self.accelerator.wait_for_everyone()
         self.out = Path(cfg.output_dir)
-        self.state = {"step": 0, "best_eval_loss": None, "best_checkpoint": None, "bad_evals": 0, "before": {}}
+        # Kept in every checkpoint; ``settings`` are what a resume must not change (see check_same_run).
+        settings = {**run_settings(cfg), "processes": self.accelerator.num_processes,
+                    "mixed_precision": self.accelerator.mixed_precision}
+        self.state = {"step": 0, "best_eval_loss": None, "best_checkpoint": None, "bad_evals": 0, "before": {},
+                      "settings": settings}
+        self.checkpoint = self._find_checkpoint() if cfg.resume_from_checkpoint else None
         self.tokenizer = self.model = self.weights = None
         self.last_record: dict = {}
         self.eval_result: dict = {}
         self._stop = False
 
     # ------------------------------------------------------------------ set-up
+
+    def _find_checkpoint(self) -> Path | None:
+        """The checkpoint to resume (checked intact and of this run), before anything loads."""
+        if self.accelerator.is_main_process:
+            for leftover in self.out.glob(".checkpoint-*"):  # temp dirs of saves a kill interrupted
+                shutil.rmtree(leftover, ignore_errors=True)
+                logger.info("removed %s, left by an interrupted checkpoint save", leftover)
+        self.accelerator.wait_for_everyone()
+        checkpoint = find_checkpoint(self.cfg.output_dir, self.cfg.resume_from_checkpoint)
+        if checkpoint:
+            check_same_run(checkpoint, self.state["settings"])
+        return checkpoint
 
     def load_tokenizer(self):
         """The base model's tokenizer (and the config's chat template, if it names one). No weights load."""
@@ -166,12 +184,7 @@ class Stage:
     def resume(self) -> int:
         """Restore the newest (or the given) checkpoint when ``resume_from_checkpoint`` is set; start the
         metrics log and trackers. Returns the step training continues from (0: a fresh run)."""
-        cfg = self.cfg
-        if cfg.resume_from_checkpoint and self.accelerator.is_main_process:
-            for leftover in self.out.glob(".checkpoint-*"):  # temp dirs of saves a kill interrupted
-                shutil.rmtree(leftover, ignore_errors=True)
-                logger.info("removed %s, left by an interrupted checkpoint save", leftover)
-        checkpoint = find_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
+        cfg, checkpoint = self.cfg, self.checkpoint
         if checkpoint:
             self.state = {"before": {}, **load_checkpoint(checkpoint, self.accelerator, self.weights, self.optimizer,
                                                           self.scheduler)}
