@@ -179,6 +179,9 @@ class _ProcessState:
         return self
 
     def __exit__(self, *exc):
+        from minift.train.lock import release_output_dirs
+
+        release_output_dirs()  # as a recipe script's exit would
         reset_accelerate()
         python, numpy_state, torch_state, environ, threads = self.saved
         torch.set_num_threads(threads)

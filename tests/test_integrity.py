@@ -5,12 +5,19 @@ push keeps everything local. Runs the toy objective (tests/toy_objective.py) in-
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import load_toy_objective
 from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- damaged checkpoints
 
@@ -166,3 +173,40 @@ def test_run_settings_leave_out_only_what_a_resume_may_change(tmp_path):
     assert a == b and "output_dir" not in a and "step_sleep" not in a and a["model_name_or_path"] == str(data)
     assert {"learning_rate", "lora_r", "seq_len", "seed", "max_steps"} <= a.keys() and "eval_steps" not in a
     assert "eval_steps" in run_settings(toy.ToyConfig(early_stopping_patience=2, eval_steps=2))
+
+
+# ----------------------------------------------------------------------------- one run per output directory
+
+
+def test_a_second_run_on_a_busy_output_dir_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path, tiny_dir,
+                                                                                         in_process, caplog):
+    """While a run trains, a second one on its directory (even with --overwrite_output_dir) exits 1 naming the
+    first one's pid; once the first is killed, the next run says so and takes the directory over."""
+    toy_script = ROOT / "tests" / "toy_objective.py"
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, str(toy_script), "--output_dir", str(out), "--step_sleep", "0.5"],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "metrics.jsonl").exists():
+            assert first.poll() is None and time.monotonic() < deadline, "the first run did not start training"
+            time.sleep(0.05)
+        for extra in ([], ["--overwrite_output_dir", "true"]):
+            second = subprocess.run([sys.executable, str(toy_script), "--output_dir", str(out), *extra], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=240)
+            assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-2000:]
+            assert second.stderr.strip().splitlines()[-1].startswith(
+                f"error: output_dir {out} is in use by another run (pid {first.pid} on "), second.stderr[-500:]
+        assert first.poll() is None and (out / "metrics.jsonl").exists()
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    toy = load_toy_objective()
+    with caplog.at_level("WARNING", logger="minift.train.lock"):
+        toy.main(toy.ToyConfig(output_dir=str(out), max_steps=2, overwrite_output_dir=True))
+    assert f"a run that did not finish (pid {first.pid} on " in caplog.text and "taking over" in caplog.text
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (out / ".minift.lock").read_text() == ""  # released: the next run starts without a warning

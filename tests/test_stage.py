@@ -221,8 +221,8 @@ def test_an_earlier_run_is_refused_unless_resumed_or_overwritten(tmp_path, in_pr
         toy_module.main(toy_module.ToyConfig(output_dir=str(out), max_steps=2))
     reset_accelerate()
     toy_module.main(toy_module.ToyConfig(output_dir=str(out), max_steps=1, overwrite_output_dir=True))
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "metrics.jsonl", "reference_logps.safetensors",
-                                                     "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".minift.lock", "adapter", "metrics.jsonl",
+                                                     "reference_logps.safetensors", "run.json"]
     assert list(logged(out)) == [1]
 
 

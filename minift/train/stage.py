@@ -1,6 +1,6 @@
 """The stage: everything around a recipe's own training step, one call each.
 
-    stage = Stage(cfg, "sft")                      # output dir check, Accelerator, logging, seed
+    stage = Stage(cfg, "sft")                      # Accelerator, output dir lock and check, logging
     tokenizer = stage.load_tokenizer()             # data is read and checked with it before weights load
     batches = stage.fixed_batches(rows, collate)   # or stage.online_batches(prompts, make_batch)
     model = stage.load_model()                     # base + frozen init adapter + trainable adapter
@@ -48,6 +48,7 @@ from minift.train.checkpoints import (
     save_checkpoint,
 )
 from minift.train.generation import answer_eval_examples, answer_metrics
+from minift.train.lock import release_output_dirs, take_output_dir
 from minift.train.outputs import (
     HubPushError,
     MetricsLog,
@@ -98,6 +99,7 @@ class Stage:
         self.accelerator = make_accelerator(cfg)
         logging.basicConfig(level=logging.INFO if self.accelerator.is_main_process else logging.WARNING,
                             format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        self.lock = take_output_dir(self.accelerator, cfg.output_dir)  # one run per output dir, till finish
         check_output_dir(cfg, self.accelerator.is_main_process)
         self.accelerator.wait_for_everyone()
         self.out = Path(cfg.output_dir)
@@ -293,6 +295,7 @@ class Stage:
                                                 cfg.hub_repo_id, private=cfg.hub_private,
                                                 message=cfg.hub_commit_message)
                 write_run_json(cfg, cfg.output_dir, **record)
+            self.lock.release()
         end_stage(self.accelerator)
         return result
 
@@ -316,4 +319,5 @@ def run_recipe(main, config_class, doc: str) -> None:
     except (ConfigError, FileNotFoundError, RecordError, HubPushError) as err:
         sys.exit(f"error: {err}")
     finally:
+        release_output_dirs()
         close_processes()
