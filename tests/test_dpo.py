@@ -286,6 +286,8 @@ def test_demo_chain_learns_and_combines(demo_chain, tiny_dir):
     assert d["preference_accuracy"] >= d["preference_accuracy_before"] > d["preference_accuracy_base"], d
     for row in ("base", "after SFT", "after DPO"):
         assert row in printed
+    for stage in ("sft", "dpo"):  # the demo's settings are healthy: no divergence warning
+        assert json.loads((out / stage / "run.json").read_text())["warnings"] == [], stage
     config = json.loads((out / "final" / "adapter_config.json").read_text())
     sft_r = json.loads((out / "sft" / "adapter" / "adapter_config.json").read_text())["r"]
     dpo_r = json.loads((out / "dpo" / "adapter" / "adapter_config.json").read_text())["r"]

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import load_toy_objective
 from safetensors.torch import load_file
 
@@ -210,3 +211,71 @@ def test_a_second_run_on_a_busy_output_dir_is_refused_and_a_dead_runs_lock_is_ta
     assert f"a run that did not finish (pid {first.pid} on " in caplog.text and "taking over" in caplog.text
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert (out / ".minift.lock").read_text() == ""  # released: the next run starts without a warning
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+class _OneProcess:
+    device, mixed_precision = torch.device("cpu"), "no"
+
+    def gather(self, tensor):
+        return tensor
+
+
+def health(tmp_path, params=(), mixed_precision="no"):
+    from minift.train.health import Health
+
+    accelerator = _OneProcess()
+    accelerator.mixed_precision = mixed_precision
+    return Health(accelerator, tmp_path, list(params), [])
+
+
+def test_an_exploding_loss_is_warned_about_once_and_ordinary_curves_are_not(tmp_path):
+    """Far above the running mean (> mean + 3 * max(|mean|, 1)) is an explosion; a falling DPO loss, RL losses
+    wandering around zero and small rises are not."""
+    steady = health(tmp_path)
+    for step, loss in enumerate([2.0] * 5 + [7.9], 1):
+        steady.check_loss(loss, step)
+    exploding = health(tmp_path)
+    for step, loss in enumerate([2.0] * 5 + [8.5, 40.0, 300.0], 1):
+        exploding.check_loss(loss, step)
+    assert steady.warnings == []
+    assert exploding.warnings == ["exploding loss: 8.5 at step 6, against a mean of 2 over the 5 steps before: the "
+                                  "run may be diverging (lower --learning_rate, or check the data)"]
+    generator = torch.Generator().manual_seed(0)
+    curves = {"dpo": [0.69 * 0.97 ** s for s in range(100)], "rl": (torch.rand(100, generator=generator) - 0.5).tolist(),
+              "small rise": [0.01 * 1.04 ** s for s in range(100)]}
+    for name, curve in curves.items():
+        h = health(tmp_path)
+        for step, loss in enumerate(curve, 1):
+            h.check_loss(loss, step)
+        assert h.warnings == [], name
+
+
+def test_a_gradient_stuck_at_zero_is_warned_about_and_a_non_finite_one_stops_the_run(tmp_path):
+    h = health(tmp_path)
+    for step, norm in enumerate([1.0, 0.0, 0.0, 0.0, 0.0, 0.3, 0.0, 0.0, 0.0, 0.0], 1):
+        h.check_gradient(torch.tensor(norm), step)
+    assert h.warnings == []  # never five zeros in a row
+    h.check_gradient(torch.tensor(0.0), 11)
+    assert h.warnings == ["zero gradient: the gradient norm has been 0 since step 7: nothing is learning (weights "
+                          "diverged or saturated by a learning rate too high, or no trained tokens)"]
+    h.check_gradient(None, 12)  # clipping off: nothing to check
+    with pytest.raises(FloatingPointError, match=r"gradient norm is inf at step 3; stopping\. The last good checkpoint "
+                                                 r"is none \(none was saved yet\)"):
+        h.check_gradient(torch.tensor(float("inf")), 3)
+    health(tmp_path, mixed_precision="fp16").check_gradient(torch.tensor(float("nan")), 3)  # the scaler skips it
+
+
+def test_weights_beyond_float16_are_unhealthy_and_non_finite_ones_stop_the_run(tmp_path):
+    weights = [torch.zeros(0), torch.full((2, 3), 0.5)]
+    h = health(tmp_path, weights)
+    assert h.check_weights(1) and h.warnings == []
+    weights[1][0, 1] = -7e4
+    assert not h.check_weights(2)
+    assert h.warnings == ["huge weights: trainable weights reach 7e+04 at step 2, beyond float16's range (65504): "
+                          "the run has diverged (lower --learning_rate)"]
+    weights[1][1, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"trainable weights are not finite at step 3"):
+        h.check_weights(3)

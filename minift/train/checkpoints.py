@@ -169,6 +169,15 @@ def newest_intact_checkpoint(output_dir: str | Path) -> tuple[Path | None, list[
     return None, damaged
 
 
+def _healthy(path: Path) -> bool:
+    return json.loads((path / "trainer_state.json").read_text()).get("healthy", True)
+
+
+def last_good_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest intact checkpoint whose weights were healthy when saved (see :mod:`minift.train.health`)."""
+    return next((p for p in reversed(checkpoints(output_dir)) if checkpoint_damage(p) is None and _healthy(p)), None)
+
+
 def find_checkpoint(output_dir: str, spec: str) -> Path | None:
     """``auto``: the newest intact ``checkpoint-N`` in output_dir (None if there is none; damaged newer ones are
     skipped with a warning that names the damage); else the given path, which must be intact."""
@@ -187,6 +196,9 @@ def find_checkpoint(output_dir: str, spec: str) -> Path | None:
                           f"--overwrite_output_dir true instead of --resume_from_checkpoint")
     if damaged:
         logger.warning("skipping damaged checkpoints (%s); resuming from %s", "; ".join(damaged), path)
+    if path and not _healthy(path):
+        logger.warning("%s was saved with diverged weights (see its run's warnings); the last good checkpoint is "
+                       "%s", path, last_good_checkpoint(output_dir) or "none")
     return path
 
 

@@ -9,7 +9,7 @@
         stage.state["before"].update(...)          # more metrics before training (kept in checkpoints)
     for window in stage.steps():                   # the micro-batches of each optimizer step
         ...forward, loss, backward: the recipe's own...
-        stage.update(loss, {"loss": loss}, units=n_tokens)   # NaN check, clip, step, log, eval, checkpoint
+        stage.update(loss, {"loss": loss}, units=n_tokens)   # health checks, clip, step, log, eval, checkpoint
     stage.finish(data=report)                      # adapter / model, merge, card, hub, plot, run.json, summary
 
 Everything here works the same with one process or many (``accelerate launch``).
@@ -18,7 +18,6 @@ Everything here works the same with one process or many (``accelerate launch``).
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import sys
 import time
@@ -44,10 +43,10 @@ from minift.train.checkpoints import (
     check_same_run,
     find_checkpoint,
     load_checkpoint,
-    newest_intact_checkpoint,
     save_checkpoint,
 )
 from minift.train.generation import answer_eval_examples, answer_metrics
+from minift.train.health import Health
 from minift.train.lock import release_output_dirs, take_output_dir
 from minift.train.outputs import (
     HubPushError,
@@ -107,7 +106,7 @@ class Stage:
         settings = {**run_settings(cfg), "processes": self.accelerator.num_processes,
                     "mixed_precision": self.accelerator.mixed_precision}
         self.state = {"step": 0, "best_eval_loss": None, "best_checkpoint": None, "bad_evals": 0, "before": {},
-                      "settings": settings}
+                      "settings": settings, "healthy": True, "warnings": []}
         self.checkpoint = self._find_checkpoint() if cfg.resume_from_checkpoint else None
         self.tokenizer = self.model = self.weights = None
         self.last_record: dict = {}
@@ -188,7 +187,7 @@ class Stage:
         metrics log and trackers. Returns the step training continues from (0: a fresh run)."""
         cfg, checkpoint = self.cfg, self.checkpoint
         if checkpoint:
-            self.state = {"before": {}, **load_checkpoint(checkpoint, self.accelerator, self.weights, self.optimizer,
+            self.state = {"before": {}, "warnings": [], **load_checkpoint(checkpoint, self.accelerator, self.weights, self.optimizer,
                                                           self.scheduler)}
             logger.info("resumed from %s at step %d", checkpoint, self.state["step"])
         elif self.accelerator.is_main_process:
@@ -207,6 +206,7 @@ class Stage:
         self.bar = tqdm(total=self.total, initial=self.state["step"], desc=self.name,
                         disable=not self.accelerator.is_main_process)
         self.speed = Throughput()
+        self.health = Health(self.accelerator, self.cfg.output_dir, self.params, self.state["warnings"])
         self.wrapper.train()
         for step in range(self.state["step"] + 1, self.total + 1):
             window = [{k: v.to(device) for k, v in self.batches.micro_batch(m).items()}
@@ -223,12 +223,9 @@ class Stage:
         ``record`` (plus lr, ``<unit>_per_s``, epoch, grad_norm), evaluate, checkpoint, early stopping."""
         cfg, state = self.cfg, self.state
         step = state["step"] + 1
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss} at step {step}; stopping. The last good checkpoint is "
-                f"{newest_intact_checkpoint(cfg.output_dir)[0] or 'none (none was saved yet)'}. Lower the "
-                f"learning rate or check the data.")
+        self.health.check_loss(loss, step)
         grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        self.health.check_gradient(grad_norm, step)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -236,6 +233,7 @@ class Stage:
         self.speed.add(units)
         self.bar.update(1)
         if cfg.logging_steps and (step % cfg.logging_steps == 0 or step == self.total):
+            state["healthy"] = self.health.check_weights(step)
             logged = {**record, "lr": self.scheduler.get_last_lr()[0], f"{self.unit}_per_s": self.speed.rate(),
                       "epoch": step * cfg.gradient_accumulation_steps / self.batches.per_epoch}
             if grad_norm is not None:
@@ -255,6 +253,7 @@ class Stage:
         if cfg.save_steps and (step % cfg.save_steps == 0 or improved or self._stop):
             if improved:
                 state["best_checkpoint"] = str(self.out / f"checkpoint-{step}")
+            state["healthy"] = self.health.check_weights(step)  # a diverged checkpoint is never "the last good one"
             save_checkpoint(self.accelerator, self.out, self.weights, self.optimizer, self.scheduler, state,
                             save_total_limit=cfg.save_total_limit)
         if self._stop:
@@ -286,7 +285,7 @@ class Stage:
             plot = plot_losses(self.metrics.history, self.out / "loss.png")
             seconds = round(time.time() - self.started, 2)
             record = dict(stage=self.name, adapter=str(saved), parents=chain, merged=merged, hub_url=None,
-                          loss_plot=plot, metrics=result, data=data or {},
+                          loss_plot=plot, metrics=result, data=data or {}, warnings=self.state["warnings"],
                           best_checkpoint=self.state["best_checkpoint"], seconds=seconds)
             run = write_run_json(cfg, cfg.output_dir, **record)  # everything is on disk before any upload
             logger.info("%s", self.summary(result, saved, merged, run, seconds))
@@ -308,6 +307,7 @@ class Stage:
         if merged:
             lines.append(f"  merged model: {merged}")
         lines.append(f"  run record: {run}")
+        lines += [f"  warning: {w}" for w in self.state["warnings"]]
         return "\n".join(lines)
 
 
@@ -316,7 +316,7 @@ def run_recipe(main, config_class, doc: str) -> None:
     mistake printed as one ``error:`` line (exit status 1) instead of a traceback."""
     try:
         main(parse_config(config_class, description=doc.split("\n\n")[0]))
-    except (ConfigError, FileNotFoundError, RecordError, HubPushError) as err:
+    except (ConfigError, FileNotFoundError, RecordError, HubPushError, FloatingPointError) as err:
         sys.exit(f"error: {err}")
     finally:
         release_output_dirs()
