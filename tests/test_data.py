@@ -253,12 +253,84 @@ def test_split_is_deterministic():
     (b'[1, 2]\n', "sft", r"bad\.jsonl:1: expected a JSON object"),
     (b'{"prompt": "p", "completion": "c", "label": "yes"}\n', "unpaired", r"bad\.jsonl:1: field 'label' must be true or false"),
     (b'{"text": "plain"}\n', "preference", r"bad\.jsonl:1: a text record cannot be used for preference data"),
+    (b'{"text": "a\x00b"}\n', "sft", r"bad\.jsonl:1: a NUL byte at column 12"),
+    # Conversations in an order chat templates refuse (and a model should not learn from) are rejected.
+    (b'{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, '
+     b'{"role": "assistant", "content": "c"}]}\n', "sft",
+     r"bad\.jsonl:1: messages\[1\] is a second user turn in a row; merge the two into one \(or pass skip_invalid"),
+    (b'{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "a"}, '
+     b'{"role": "assistant", "content": "b"}]}\n', "sft",
+     r"bad\.jsonl:1: messages\[0\] is the assistant's, before any user turn"),
+    (b'{"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "b"}]}\n', "sft",
+     r"bad\.jsonl:1: messages\[1\] is the assistant's, before any user turn"),
+    (b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, '
+     b'{"role": "system", "content": "s"}, {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}\n',
+     "sft", r"bad\.jsonl:1: messages\[2\] is a system message after the first turn"),
+    (b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, '
+     b'{"role": "assistant", "content": "c"}]}\n', "sft", r"bad\.jsonl:1: messages\[2\] is a second assistant turn"),
+    (b'{"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}, '
+     b'{"from": "gpt", "value": "c"}]}\n', "sft", r"bad\.jsonl:1: conversations\[1\] is a second user turn"),
+    (b'{"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "42"}, '
+     b'{"role": "assistant", "content": "c"}]}\n', "sft", r"bad\.jsonl:1: messages\[1\] is a tool result that follows "
+                                                        r"no assistant turn"),
+    (b'{"prompt": [{"role": "user", "content": "p"}], "completion": [{"role": "user", "content": "c"}]}\n', "sft",
+     r"bad\.jsonl:1: prompt \+ completion\[1\] is a second user turn"),
+    (b'{"prompt": "p", "chosen": [{"role": "user", "content": "c"}], "rejected": "r"}\n', "preference",
+     r"bad\.jsonl:1: prompt \+ chosen\[1\] is a second user turn"),
+    (b'{"prompt": "p", "chosen": "red  apple\\n", "rejected": " red apple"}\n', "preference",
+     r"bad\.jsonl:1: chosen and rejected differ only in whitespace, so the pair expresses no preference"),
+    (b'{"prompt": [{"role": "assistant", "content": "p"}], "completion": "c", "label": true}\n', "unpaired",
+     r"bad\.jsonl:1: prompt \+ completion\[0\] is the assistant's"),
+    (b'{"messages": [{"role": "assistant", "content": "p"}]}\n', "prompt", r"bad\.jsonl:1: messages\[0\] is the "
+                                                                          r"assistant's"),
 ])
 def test_bad_records_name_file_and_line(tmp_path, content, kind, message):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(content)
     with pytest.raises(RecordError, match=message):
         normalize_all(load_records(path), kind)
+
+
+def test_ordered_conversations_with_tools_and_a_system_message_are_accepted(tmp_path):
+    turns = [{"role": "system", "content": "s"}, {"role": "user", "content": "add 2 and 3"},
+             {"role": "assistant", "content": "call add(2, 3)"}, {"role": "tool", "content": "5"},
+             {"role": "tool", "content": "(cached)"}, {"role": "assistant", "content": "5"},
+             {"role": "user", "content": "thanks"}, {"role": "assistant", "content": "welcome"}]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": turns}])
+    assert normalize_all(load_records(path), "sft").examples[0].messages == turns
+
+
+def test_txt_line_ends_are_normalized_and_nul_bytes_rejected(tmp_path):
+    """Windows line ends read as plain ones and a lone carriage return as a line break inside the record;
+    a NUL byte (binary data, a UTF-16 file) is an invalid record naming its line, skippable."""
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"one\r\ntwo\rthree\r\nfour\x00\n\r\nfive\n")
+    records = load_records(path)
+    assert [r.data for r in records if "__invalid__" not in r.data] == [{"text": "one"}, {"text": "two\nthree"},
+                                                                         {"text": "five"}]
+    with pytest.raises(RecordError, match=r"t\.txt:3: a NUL byte at column 5"):
+        normalize_all(records, "sft")
+    assert normalize_all(records, "sft", skip_invalid=True).skipped == [
+        f"{path}:3: a NUL byte at column 5 (binary data, or a UTF-16 file?)"]
+
+
+def test_csv_rows_name_the_line_they_start_on_and_bad_rows_can_be_skipped(tmp_path):
+    """A row with more (or fewer) fields than the header, or with bytes that are not UTF-8, is an invalid
+    record named by its own line (after a quoted field spanning two lines); --skip_invalid counts them."""
+    path = tmp_path / "d.csv"
+    path.write_bytes(b'prompt,completion\n"two\nlines",a\nx,y,extra\nonly\nq,caf\xe9\nr,s\n')
+    records = load_records(path)
+    assert [r.source.rsplit(":", 1)[1] for r in records] == ["2", "4", "5", "6", "7"]
+    with pytest.raises(RecordError, match=r"d\.csv:4: 3 fields, but the header has 2 \(prompt, completion\); quote "
+                                          r"a field that holds ','"):
+        normalize_all(records, "sft")
+    norm = normalize_all(records, "sft", skip_invalid=True)
+    assert [e.messages[1]["content"] for e in norm.examples] == ["a", "s"]
+    assert [m.split(": ")[0].rsplit(":", 1)[1] for m in norm.skipped] == ["4", "5", "6"]
+    assert "d.csv:6: not valid UTF-8" in norm.skipped[2]
+    (tmp_path / "h.csv").write_bytes(b"prompt,compl\xe9tion\nx,y\n")
+    with pytest.raises(RecordError, match=r"h\.csv:1: header: not valid UTF-8"):
+        load_records(tmp_path / "h.csv")
 
 
 def test_skip_invalid_counts_and_reports(tmp_path, caplog):

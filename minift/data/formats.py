@@ -129,6 +129,28 @@ def _messages(value: Any, source: str, key: str, sharegpt: bool = False) -> list
     return out
 
 
+SKIP_HINT = "(or pass skip_invalid to count and skip such records)"
+
+
+def _in_order(msgs: list[dict], source: str, key: str) -> list[dict]:
+    """``msgs`` when its turns come in the order every chat template accepts: an optional system message first,
+    then user and assistant taking turns, tool results right after the assistant turn that called them."""
+    for i, role in enumerate(m["role"] for m in msgs):
+        before = msgs[i - 1]["role"] if i else None
+        if role == "system" and i:
+            problem = "is a system message after the first turn; a system message comes first"
+        elif role == "assistant" and before in (None, "system"):
+            problem = "is the assistant's, before any user turn; a conversation starts with the user"
+        elif role == before and role != "tool":
+            problem = f"is a second {role} turn in a row; merge the two into one"
+        elif role == "tool" and before not in ("assistant", "tool"):
+            problem = "is a tool result that follows no assistant turn"
+        else:
+            continue
+        raise RecordError(f"{source}: {key}[{i}] {problem} {SKIP_HINT}")
+    return msgs
+
+
 def _turn(value: Any, role: str, source: str, key: str) -> list[dict]:
     """A string becomes one message of ``role``; a list is checked as messages."""
     if isinstance(value, str):
@@ -151,10 +173,10 @@ def normalize(record: Record, fmt: str | None = None):
                           f"conversations, instruction/output, prompt/completion, question/answer, text, "
                           f"prompt/chosen/rejected")
     if fmt == "messages":
-        msgs = _messages(data.get("messages"), src, "messages")
-        return Chat(msgs, src)
+        return Chat(_in_order(_messages(data.get("messages"), src, "messages"), src, "messages"), src)
     if fmt == "sharegpt":
-        return Chat(_messages(data.get("conversations"), src, "conversations", sharegpt=True), src)
+        turns = _messages(data.get("conversations"), src, "conversations", sharegpt=True)
+        return Chat(_in_order(turns, src, "conversations"), src)
     if fmt == "alpaca":
         instruction = _string(data, "instruction", src)
         extra = data.get("input") or ""
@@ -163,8 +185,9 @@ def normalize(record: Record, fmt: str | None = None):
         answer = _string(data, "output" if "output" in data else "response", src)
         return Chat(_user_assistant(f"{instruction}\n\n{extra}" if extra else instruction, answer), src)
     if fmt == "prompt_completion":
-        prompt = _turn(data.get("prompt"), "user", src, "prompt")
-        return Chat(prompt + _turn(data.get("completion"), "assistant", src, "completion"), src)
+        turns = _turn(data.get("prompt"), "user", src, "prompt") + _turn(data.get("completion"), "assistant", src,
+                                                                         "completion")
+        return Chat(_in_order(turns, src, "prompt + completion"), src)
     if fmt == "question_answer":
         return Chat(_user_assistant(_string(data, "question", src), _string(data, "answer", src)), src)
     if fmt == "context_question_answer":
@@ -182,16 +205,19 @@ def normalize(record: Record, fmt: str | None = None):
         label = data.get("label")
         if not isinstance(label, bool):
             raise RecordError(f"{src}: field 'label' must be true or false, got {label!r}")
-        return Unpaired(_turn(data.get("prompt", ""), "user", src, "prompt") if data.get("prompt") else [],
-                        _turn(data.get("completion"), "assistant", src, "completion"), label, src)
+        prompt = _turn(data.get("prompt", ""), "user", src, "prompt") if data.get("prompt") else []
+        completion = _turn(data.get("completion"), "assistant", src, "completion")
+        if prompt:
+            _in_order(prompt + completion, src, "prompt + completion")
+        return Unpaired(prompt, completion, label, src)
     if fmt == "prompt":
         extra = {k: v for k, v in data.items() if k not in ("prompt", "messages")}
         if "messages" in data:
-            msgs = _messages(data["messages"], src, "messages")
+            msgs = _in_order(_messages(data["messages"], src, "messages"), src, "messages")
             if msgs[-1]["role"] == "assistant" and len(msgs) > 1:  # the answer to generate is the reference
                 return Prompt(msgs[:-1], {"answer": msgs[-1]["content"], **extra}, src)
             return Prompt(msgs, extra, src)
-        return Prompt(_turn(data.get("prompt"), "user", src, "prompt"), extra, src)
+        return Prompt(_in_order(_turn(data.get("prompt"), "user", src, "prompt"), src, "prompt"), extra, src)
     raise ValueError(f"unknown record format {fmt!r}")
 
 
@@ -214,10 +240,19 @@ def _preference(prompt: list[dict], chosen: list[dict], rejected: list[dict], sr
     for name, turns in (("chosen", chosen), ("rejected", rejected)):
         if not any(str(t.get("content") or "").strip() for t in turns):
             raise RecordError(f"{src}: the {name} answer is empty; a preference pair needs two real answers "
-                              f"(remove the record or pass skip_invalid to count and skip such records)")
-    if chosen == rejected:  # the loss's gradient is zero and the pair only dilutes the batch
-        raise RecordError(f"{src}: chosen and rejected are identical, so the pair expresses no preference; "
-                          f"remove it (or pass skip_invalid to count and skip such records)")
+                              f"(remove the record {SKIP_HINT[1:]}")
+        if prompt:
+            _in_order(prompt + turns, src, f"prompt + {name}")
+
+    def words(turns):
+        return [(t["role"], t["content"].split()) for t in turns]
+
+    # Either way the loss's gradient is (near) zero and the pair only dilutes the batch.
+    same = "are identical" if chosen == rejected else "differ only in whitespace" if words(chosen) == words(rejected) \
+        else None
+    if same:
+        raise RecordError(f"{src}: chosen and rejected {same}, so the pair expresses no preference; remove it "
+                          f"{SKIP_HINT}")
     return Preference(prompt, chosen, rejected, src)
 
 

@@ -87,24 +87,30 @@ def _read_file(path: Path) -> Iterator[Record]:
         yield from _read_json(path)
     elif suffix in (".csv", ".tsv"):
         yield from _read_csv(path, "\t" if suffix == ".tsv" else ",")
-    elif suffix == ".txt":
+    elif suffix == ".txt":  # one record per line; Windows line ends read as plain ones
         for lineno, line, error in _lines(path):
-            if error or line.strip():
-                yield Record({"__invalid__": error} if error else {"text": line.rstrip("\n")}, f"{path}:{lineno}")
+            text = line.rstrip("\n").removesuffix("\r").replace("\r\n", "\n").replace("\r", "\n")
+            if error or text.strip():
+                yield Record({"__invalid__": error} if error else {"text": text}, f"{path}:{lineno}")
     elif suffix == ".parquet":
         yield from _read_parquet(path)
     else:
         raise RecordError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
-    """(line number, text, error): a line that is not UTF-8 comes with text None and the reason."""
+def _lines(path: Path) -> Iterator[tuple[int, str, str | None]]:
+    """(line number, text, error): a line that is not UTF-8 (its text decoded with replacement characters) or
+    holds a NUL byte comes with the reason."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                yield lineno, raw.decode("utf-8"), None
+                text, error = raw.decode("utf-8"), None
             except UnicodeDecodeError as err:
-                yield lineno, None, f"not valid UTF-8 ({err.reason} at byte {err.start}); re-encode the file as UTF-8"
+                text = raw.decode("utf-8", errors="replace")
+                error = f"not valid UTF-8 ({err.reason} at byte {err.start}); re-encode the file as UTF-8"
+            if error is None and "\0" in text:
+                error = f"a NUL byte at column {text.index(chr(0)) + 1} (binary data, or a UTF-16 file?)"
+            yield lineno, text, error
 
 
 def _read_jsonl(path: Path) -> Iterator[Record]:
@@ -140,14 +146,34 @@ def _read_json(path: Path) -> Iterator[Record]:
 
 
 def _read_csv(path: Path, delimiter: str) -> Iterator[Record]:
-    with open(path, newline="", encoding="utf-8", errors="strict") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        try:
-            for row in reader:
-                yield Record({k: v for k, v in row.items() if k is not None and v not in (None, "")},
-                             f"{path}:{reader.line_num}")
-        except UnicodeDecodeError as err:
-            raise RecordError(f"{path}:{reader.line_num + 1}: not valid UTF-8 ({err.reason})") from err
+    """Rows as records named by the line they start on (a quoted field may span lines); a row whose field count
+    differs from the header's, or with a line that is not UTF-8, is an invalid record (skippable)."""
+    damaged: dict[int, str] = {}
+
+    def text_lines():
+        for lineno, line, error in _lines(path):
+            if error:
+                damaged[lineno] = error
+            yield line
+
+    reader = csv.reader(text_lines(), delimiter=delimiter)
+    try:
+        header = next(reader)
+        if damaged:
+            raise RecordError(f"{path}:1: header: {next(iter(damaged.values()))}")
+        start = reader.line_num + 1
+        for row in reader:
+            lines, where = range(start, reader.line_num + 1), f"{path}:{start}"
+            start = reader.line_num + 1
+            error = next((damaged[n] for n in lines if n in damaged), None)
+            if error is None and not row:
+                continue  # a blank line
+            if error is None and len(row) != len(header):
+                error = (f"{len(row)} field{'s' * (len(row) != 1)}, but the header has {len(header)} ({', '.join(header)}); quote a field "
+                         f"that holds {delimiter!r}")
+            yield Record({"__invalid__": error} if error else {k: v for k, v in zip(header, row) if v != ""}, where)
+    except csv.Error as err:
+        raise RecordError(f"{path}:{reader.line_num}: {err}") from err
 
 
 def _read_parquet(path: Path) -> Iterator[Record]:
