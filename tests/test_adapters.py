@@ -220,6 +220,27 @@ def test_corrupt_safetensors_is_refused(saved, tiny_dir):
         load_adapter(model, saved)
 
 
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: [c], r"adapter_config\.json: expected a JSON object \(an adapter config\), got a JSON list"),
+    (lambda c: {**c, "r": "abc"}, r"adapter_config\.json: field 'r' must be a positive integer, got 'abc'"),
+    (lambda c: {**c, "r": 4.5}, r"field 'r' must be a positive integer, got 4\.5"),
+    (lambda c: {**c, "lora_alpha": "x"}, r"field 'lora_alpha' must be a positive number, got 'x'"),
+    (lambda c: {**c, "lora_dropout": 2}, r"field 'lora_dropout' must be a number in \[0, 1\), got 2"),
+    (lambda c: {**c, "use_dora": "yes"}, r"field 'use_dora' must be true or false, got 'yes'"),
+    (lambda c: {**c, "rank_pattern": ["q_proj"]}, r"field 'rank_pattern' must be an object mapping"),
+    (lambda c: {**c, "rank_pattern": {"q_proj": -2}}, r"field 'rank_pattern' must be an object mapping"),
+    (lambda c: {**c, "modules_to_save": "lm_head"}, r"field 'modules_to_save' must be a list of module names"),
+    (lambda c: {k: v for k, v in c.items() if k != "r"}, r"required field 'r' is missing"),
+])
+def test_a_malformed_adapter_config_names_the_file_and_field(saved, tiny_dir, edit, message):
+    path = saved / "adapter_config.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    model, _ = load_model_and_tokenizer(str(tiny_dir))
+    with pytest.raises(ValueError, match=message) as err:
+        load_adapter(model, saved)
+    assert str(err.value).startswith(f"{path}: "), err.value
+
+
 def test_missing_files_and_bad_json(saved, tiny_dir, tmp_path):
     model, _ = load_model_and_tokenizer(str(tiny_dir))
     with pytest.raises(FileNotFoundError, match="does not exist"):

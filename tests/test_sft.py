@@ -328,7 +328,8 @@ def test_bf16_on_a_cpu_without_bf16_units_warns(sft, tmp_path, in_process, monke
 def test_config_errors_exit_cleanly_before_loading_a_model(data64, tmp_path, tiny_dir):
     """As a user sees them: exit status 1, the message as the last line, no traceback, and no model built
     or loaded (the tiny model would be built into the empty MINIFT_CACHE given to these runs). An
-    unknown target module needs the model; its message lists the model's linear layer names."""
+    unknown target module needs the model; its message lists the model's linear layer names, and a LoRA rank
+    above a layer's dimensions names the layer."""
     cases = bad_config_cases(tmp_path)
     out = ["--output_dir", tmp_path / "out", "--dataset_name_or_path", data64]
     empty_cache = tmp_path / "empty-cache"
@@ -338,6 +339,10 @@ def test_config_errors_exit_cleanly_before_loading_a_model(data64, tmp_path, tin
     procs = {name: subprocess.Popen([sys.executable, str(SFT), *map(str, out + cases[name][0])], cwd=tmp_path,
                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name in ("yaml key", "negative lr", "missing file")}
+    rank = subprocess.Popen([sys.executable, str(SFT), "--output_dir", str(tmp_path / "out-rank"),
+                             "--dataset_name_or_path", str(data64), "--per_device_train_batch_size", "2",
+                             "--lora_r", "128"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     target = run_sft(*out, "--target_modules", "foo_proj,bar", "--max_steps", "1", "--per_device_train_batch_size", "2",
                      check=False)
     for name, proc in procs.items():
@@ -351,7 +356,12 @@ def test_config_errors_exit_cleanly_before_loading_a_model(data64, tmp_path, tin
     assert message.startswith("error: target_modules=['foo_proj', 'bar'] matched no linear layer"), message
     for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"):
         assert name in message
-    assert not (tmp_path / "out").exists()
+    _, stderr = rank.communicate(timeout=120)
+    assert rank.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        "error: LoRA rank 128 is larger than model.layers.0.self_attn.q_proj's dimensions (64 in, 64 out), so it "
+        "adds parameters but no capacity; use --lora_r 64 or less (or a rank_pattern entry for such layers)")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out-rank").exists()  # nor even their locks
 
 
 def test_padded_rows_round_up_to_pad_to_multiple_of(sft, data64, tmp_path, tiny_dir):
@@ -398,6 +408,43 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sft, data64, tmp_path
     weights = adapter(tmp_path / "checkpoint-4")
     assert all(torch.isfinite(t).all() for t in weights.values())
     assert any(t.abs().max() > 0 for k, t in weights.items() if "lora_B" in k)  # trained, not the init
+
+
+def test_nan_after_weights_blew_up_names_the_last_checkpoint_with_sane_weights(sft, data64, tmp_path, in_process,
+                                                                              monkeypatch):
+    """A weight pushed to 1e6 after step 4 (as a diverging run does): checkpoint-6 is saved but marked
+    unhealthy with a warning, and the NaN at step 7 names checkpoint-4, not checkpoint-6."""
+    from minift.train.forward import CausalLMLoss
+
+    forward, calls = CausalLMLoss.forward, []
+
+    def diverging(self, **batch):
+        calls.append(1)
+        if len(calls) == 5:
+            with torch.no_grad():
+                next(p for n, p in self.named_parameters() if "lora_A" in n).view(-1)[0] = 1e6
+        loss, count = forward(self, **batch)
+        return (loss * float("nan") if len(calls) >= 7 else loss), count
+
+    monkeypatch.setattr(CausalLMLoss, "forward", diverging)
+    with pytest.raises(FloatingPointError, match=rf"loss is nan at step 7; stopping\. The last good checkpoint is "
+                                                 rf"{tmp_path / 'checkpoint-4'}\."):
+        sft.main(base_cfg(sft, data64, tmp_path, max_steps=10, save_steps=2))
+    states = {n: json.loads((tmp_path / f"checkpoint-{n}" / "trainer_state.json").read_text()) for n in (4, 6)}
+    assert states[4]["healthy"] and not states[6]["healthy"]
+    assert states[6]["warnings"][0].startswith("huge weights: trainable weights reach 1e+06 at step 5")
+
+
+def test_a_diverged_run_says_so(sft, data64, tmp_path):
+    """lr 1e6 saturates the model at once (loss flat, gradient norm 0): the run ends with both warnings in its
+    summary and run.json, and its checkpoints are not good ones to resume."""
+    out = tmp_path / "out"
+    proc = run_sft("--dataset_name_or_path", data64, "--output_dir", out, *TINY_RUN, "--learning_rate", "1e6",
+                   "--max_steps", "8", "--save_steps", "4")
+    warnings = json.loads((out / "run.json").read_text())["warnings"]
+    assert sorted(w.split(":")[0] for w in warnings) == ["huge weights", "zero gradient"], warnings
+    assert "warning: zero gradient: the gradient norm has been 0 since step " in proc.stderr
+    assert not json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())["healthy"]
 
 
 # ----------------------------------------------------------------------------- 8. checkpoint pruning

@@ -169,11 +169,7 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_path}, line {err.lineno}: invalid JSON ({err.msg})") from err
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{config_path}: peft_type is {config['peft_type']!r}; minift reads LoRA adapters only")
-    for key in ("r", "lora_alpha"):
-        if key not in config:
-            raise ValueError(f"{config_path}: required field {key!r} is missing")
+    _check_config(config, config_path)
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:
@@ -209,6 +205,38 @@ def _split_keys(config: dict, tensors: dict[str, torch.Tensor], where: Path) -> 
     return lora, full
 
 
+def _check_config(config, path: Path) -> None:
+    """The fields minift reads, with the types peft writes: one error naming the file and the field."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object (an adapter config), got a JSON {type(config).__name__}")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type is {config['peft_type']!r}; minift reads LoRA adapters only")
+    for key in ("r", "lora_alpha"):
+        if key not in config:
+            raise ValueError(f"{path}: required field {key!r} is missing")
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    rules = {  # field: (check, what it must be); absent or null fields take their defaults
+        "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+        "lora_alpha": (lambda v: number(v) and v > 0, "a positive number"),
+        "lora_dropout": (lambda v: number(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+        "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+        "rank_pattern": (lambda v: isinstance(v, dict) and all(isinstance(r, int) and not isinstance(r, bool)
+                                                                and r > 0 for r in v.values()),
+                         "an object mapping module patterns to positive integers"),
+        "alpha_pattern": (lambda v: isinstance(v, dict) and all(number(a) for a in v.values()),
+                          "an object mapping module patterns to numbers"),
+        "modules_to_save": (lambda v: isinstance(v, list) and all(isinstance(m, str) for m in v),
+                            "a list of module names"),
+    }
+    for key, (ok, what) in rules.items():
+        if config.get(key) is not None and not ok(config[key]):
+            raise ValueError(f"{path}: field {key!r} must be {what}, got {config[key]!r}")
+
+
 def _module_prefixes(key: str) -> list[str]:
     parts = key.split(".")
     return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
@@ -216,7 +244,7 @@ def _module_prefixes(key: str) -> list[str]:
 
 def _lora_config_from_json(config: dict, targets: list[str]) -> LoraConfig:
     return LoraConfig(
-        r=int(config["r"]),
+        r=config["r"],
         lora_alpha=float(config["lora_alpha"]),
         lora_dropout=float(config.get("lora_dropout") or 0.0),
         target_modules=targets,

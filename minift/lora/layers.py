@@ -269,6 +269,19 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return found
 
 
+def check_ranks(model: nn.Module, config: LoraConfig) -> None:
+    """Refuse a rank above a target layer's smaller dimension: a layer's update has rank at most that, so the
+    extra rank adds parameters and no capacity (a typo, or a config meant for a bigger model)."""
+    for name in find_targets(model, config):
+        module = model.get_submodule(name)
+        module = module.base_layer if isinstance(module, LoraLayer) else module
+        n_in, n_out = layer_features(module, base_kind(module))
+        if config.rank_for(name) > min(n_in, n_out):
+            raise ValueError(f"LoRA rank {config.rank_for(name)} is larger than {name}'s dimensions ({n_in} in, "
+                             f"{n_out} out), so it adds parameters but no capacity; use --lora_r "
+                             f"{min(n_in, n_out)} or less (or a rank_pattern entry for such layers)")
+
+
 def apply_lora(
     model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER, trainable: bool = True
 ) -> nn.Module:

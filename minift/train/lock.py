@@ -23,11 +23,12 @@ _HELD: dict[Path, OutputDirLock] = {}  # this process's locks, by path: a stage 
 class OutputDirLock:
     def __init__(self, output_dir: str | Path):
         self.path = Path(output_dir).resolve() / LOCK_NAME
-        self.file = None
+        self.file, self.created = None, False
 
     def acquire(self) -> OutputDirLock:
         if self.path in _HELD:  # an earlier stage of this process on the same directory that ended in an error
             _HELD[self.path].release()
+        self.created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         file = open(self.path, "a+")
         try:
@@ -51,12 +52,16 @@ class OutputDirLock:
         return self
 
     def release(self) -> None:
-        """Empty the file (an empty lock file is a run that ended cleanly) and unlock it. The file stays:
-        deleting it would let a run that opened it just before lock a file no other run can see."""
+        """Empty the file (an empty lock file is a run that ended cleanly) and unlock it. The file stays (deleting
+        it would let a run that opened it just before lock a file no other run can see), unless this run made
+        the directory and failed before writing anything else to it: then both go."""
         if self.file is None:
             return
         self.file.seek(0)
         self.file.truncate()
+        if self.created and [p.name for p in self.path.parent.iterdir()] == [LOCK_NAME]:
+            self.path.unlink()
+            self.path.parent.rmdir()
         fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
         self.file = None

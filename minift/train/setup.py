@@ -14,7 +14,7 @@ from minift.config import ConfigError, TrainConfig
 from minift.constants import DEFAULT_ADAPTER
 from minift.lora.adapters import load_adapter
 from minift.lora.config import LoraConfig
-from minift.lora.layers import apply_lora, merge_lora, unwrap_lora
+from minift.lora.layers import apply_lora, check_ranks, merge_lora, unwrap_lora
 from minift.model.attention import use_document_attention
 from minift.model.load import load_model
 
@@ -82,14 +82,15 @@ def load_for_training(cfg: TrainConfig, tokenizer):
     model = load_model(cfg.model_name_or_path, tokenizer, dtype=cfg.dtype, quantization=quantization,
                        gradient_checkpointing=cfg.gradient_checkpointing)
     use_document_attention(model)  # sdpa -> minift_sdpa: packed documents attend without a mask
-    if cfg.init_adapter:
-        load_adapter(model, cfg.init_adapter, adapter_name="init", trainable=False)
-    if cfg.lora_r > 0:
-        try:
+    try:  # a bad init adapter, target_modules matching no layer, a rank too big: the user's input, not a crash
+        if cfg.init_adapter:
+            load_adapter(model, cfg.init_adapter, adapter_name="init", trainable=False)
+        if cfg.lora_r > 0:
+            check_ranks(model, lora_config_from(cfg))
             apply_lora(model, lora_config_from(cfg), adapter_name=DEFAULT_ADAPTER)
-        except ValueError as err:  # e.g. target_modules matching no layer: the user's config, not a crash
-            raise ConfigError(str(err)) from err
-    else:
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if cfg.lora_r == 0:
         if cfg.init_adapter:  # a full fine-tune starts from base + init adapter, folded in exactly
             merge_lora(model)
             unwrap_lora(model)
