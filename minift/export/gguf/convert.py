@@ -6,21 +6,15 @@ errors come before any byte is written), then the metadata is written, then each
 read from the memory-mapped checkpoint in chunks of rows, converted and written, and the chunk's
 pages are dropped from the mapping. Peak memory is about one chunk plus, for tensors that must be
 whole (a transposed GPT-2 Conv1D, a merged adapter), one tensor. Tensors whose type does not change
-are copied straight through.
-
-The safetensors format is an 8-byte header length, a JSON header and raw little-endian data, so the
-checkpoint is read here with ``mmap`` and numpy: no torch (whose import alone costs ~200 MB of
-memory) and bf16 works (safetensors' numpy backend has no bf16).
+are copied straight through. The checkpoint is read by ``minift.export.gguf.source``, which checks every
+safetensors header before reading any data.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import mmap
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,13 +30,13 @@ from minift.export.gguf.arch import (
     model_spec,
     transform_for,
 )
+from minift.export.gguf.source import DTYPES, SafetensorsSource, SourceTensor, is_int
 from minift.export.gguf.tokenizer import tokenizer_metadata
 from minift.export.gguf.writer import (
     DEFAULT_ALIGNMENT,
     Tensor,
     TensorType,
     Value,
-    bf16_bits_to_f32,
     encode_rows,
     f32,
     string,
@@ -53,103 +47,8 @@ from minift.export.gguf.writer import (
 OUTTYPES = {"f32": TensorType.F32, "f16": TensorType.F16, "bf16": TensorType.BF16, "q8_0": TensorType.Q8_0,
             "q4_0": TensorType.Q4_0}
 _FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}  # llama.cpp's LLAMA_FTYPE_ALL_F32 / MOSTLY_*
-_DTYPES = {"F32": (np.float32, TensorType.F32), "F16": (np.float16, TensorType.F16),
-           "BF16": (np.uint16, TensorType.BF16)}
 CHUNK_VALUES = 1 << 16  # values converted at a time: the temporaries stay in the CPU's L2 cache (2x faster)
 COPY_BYTES = 1 << 24  # bytes copied at a time when the type does not change
-_RELEASE_ALIGN = 1 << 20
-
-
-@dataclass(frozen=True)
-class SourceTensor:
-    key: str
-    file: Path
-    dtype: str  # "F32", "F16" or "BF16"
-    shape: tuple[int, ...]
-    offset: int  # absolute byte offset of the data in the file
-
-
-class SafetensorsSource:
-    """The tensors of a model directory's safetensors file(s), read through read-only memory maps."""
-
-    def __init__(self, model_dir: Path):
-        self.tensors: dict[str, SourceTensor] = {}
-        self._maps: dict[Path, mmap.mmap] = {}
-        for path in self._files(model_dir):
-            self._read_header(path)
-
-    @staticmethod
-    def _files(model_dir: Path) -> list[Path]:
-        index = model_dir / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-            files = [model_dir / name for name in sorted(set(weight_map.values()))]
-            missing = [f for f in files if not f.is_file()]
-            if missing:
-                raise FileNotFoundError(f"{index} lists {missing[0].name}, which is missing; the download or save "
-                                        f"was incomplete")
-            return files
-        files = sorted(p for p in model_dir.glob("*.safetensors") if p.name != "adapter_model.safetensors")
-        if not files:
-            hint = " (only safetensors are read: re-save with save_pretrained)" if any(model_dir.glob("*.bin")) else ""
-            raise FileNotFoundError(f"{model_dir} has no model weights (*.safetensors){hint}")
-        return files
-
-    def _read_header(self, path: Path) -> None:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            try:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n)) if 8 + n <= size else None
-            except (struct.error, json.JSONDecodeError, UnicodeDecodeError):
-                header = None
-        if not isinstance(header, dict):
-            raise ValueError(f"{path} is not a readable safetensors file; it is corrupt or truncated")
-        for key, entry in header.items():
-            if key == "__metadata__":
-                continue
-            if entry["dtype"] not in _DTYPES:
-                raise ValueError(f"{path}: tensor {key} is {entry['dtype']}; GGUF export reads F32, F16 and BF16 "
-                                 f"weights (dequantize a quantized checkpoint first)")
-            begin, end = entry["data_offsets"]
-            shape = tuple(entry["shape"])
-            if end - begin != math.prod(shape) * np.dtype(_DTYPES[entry["dtype"]][0]).itemsize or 8 + n + end > size:
-                raise ValueError(f"{path}: tensor {key} does not fit its header; the file is corrupt or truncated")
-            self.tensors[key] = SourceTensor(key, path, entry["dtype"], shape, 8 + n + begin)
-
-    def _map(self, path: Path) -> mmap.mmap:
-        if path not in self._maps:
-            with open(path, "rb") as f:
-                self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._maps[path]
-
-    @staticmethod
-    def rows_and_cols(t: SourceTensor) -> tuple[int, int]:
-        return t.shape[0] if t.shape else 1, math.prod(t.shape[1:])
-
-    def read(self, t: SourceTensor, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` as float32 ``[stop - start, cols]`` (1-D tensors: one value per row)."""
-        dtype = _DTYPES[t.dtype][0]
-        _, cols = self.rows_and_cols(t)
-        view = np.frombuffer(self._map(t.file), dtype=dtype, count=(stop - start) * cols,
-                             offset=t.offset + start * cols * np.dtype(dtype).itemsize).reshape(stop - start, cols)
-        if t.dtype == "BF16":
-            return bf16_bits_to_f32(view)
-        return view.astype(np.float32, copy=False)
-
-    def raw(self, t: SourceTensor, start: int, stop: int) -> memoryview:
-        return memoryview(self._map(t.file))[t.offset + start:t.offset + stop]
-
-    def release(self, t: SourceTensor, start: int, stop: int) -> None:
-        """Drop the mapped pages of bytes ``start:stop`` of ``t`` from this process (they stay in the page cache).
-
-        A page fault also maps the cached pages around it (the kernel's fault-around, 64 KiB by default),
-        including ones released before, so the range is widened back to a 1 MiB boundary.
-        """
-        first = (t.offset + start) // _RELEASE_ALIGN * _RELEASE_ALIGN
-        self._map(t.file).madvise(mmap.MADV_DONTNEED, first, t.offset + stop - first)
-
-
 @dataclass
 class Planned:
     """One output tensor: where its data comes from and what happens to it on the way."""
@@ -181,6 +80,27 @@ def _order(name: str) -> tuple:
     return (0 if name.startswith(("token_embd", "position_embd", "rope_freqs")) else 2), 0, name
 
 
+def _shape_problem(spec: ModelSpec, t: SourceTensor, name: str) -> str | None:
+    """A tensor whose shape or layer disagrees with config.json (llama.cpp would refuse or misread the model)."""
+    hidden = spec.config.get("n_embd" if spec.arch == "gpt2" else "hidden_size")
+    block = re.match(r"blk\.(\d+)\.", name)
+    if block and int(block.group(1)) >= spec.n_layers:
+        return f"it belongs to layer {block.group(1)}, but config.json has {spec.n_layers} layers"
+    if not is_int(hidden):
+        return None
+    if name in ("token_embd.weight", "output.weight", "position_embd.weight") and (
+            len(t.shape) != 2 or t.shape[1] != hidden):
+        return f"shape {list(t.shape)} is not [rows, hidden_size {hidden}]"
+    if name == "token_embd.weight" and is_int(spec.config.get("vocab_size")) and \
+            t.shape[0] != spec.config["vocab_size"]:
+        return f"it has {t.shape[0]} rows, but config.json's vocab_size is {spec.config['vocab_size']}"
+    if re.fullmatch(r"(blk\.\d+\.(attn|ffn)_norm|output_norm)\.weight", name) and list(t.shape) != [hidden]:
+        return f"shape {list(t.shape)} is not [hidden_size {hidden}]"
+    if block and len(t.shape) == 2 and hidden not in t.shape:
+        return f"shape {list(t.shape)} has no dimension of hidden_size {hidden}"
+    return None
+
+
 def plan_model(spec: ModelSpec, source: SafetensorsSource, outtype: str, merges: dict) -> list[Planned]:
     """Every tensor of the output from the checkpoint headers alone (``merges``: checkpoint key -> merges)."""
     plans = []
@@ -188,6 +108,9 @@ def plan_model(spec: ModelSpec, source: SafetensorsSource, outtype: str, merges:
         name = gguf_name(spec, key)
         if name is None or (spec.tied and name == "output.weight"):
             continue  # a buffer llama.cpp recomputes, or the tied head (llama.cpp reuses token_embd)
+        problem = _shape_problem(spec, t, name)
+        if problem:
+            raise ValueError(f"{t.file}: tensor {key}: {problem}; the checkpoint does not match its config.json")
         transform = transform_for(spec, name)
         shape = (t.shape[1], t.shape[0]) if transform.transpose else t.shape
         plans.append(Planned(name, shape, tensor_type(outtype, name, shape), t, transform, merges.get(key, [])))
@@ -213,8 +136,8 @@ def tensor_chunks(source: SafetensorsSource, p: Planned):
         return
     t = p.source
     rows, cols = source.rows_and_cols(t)
-    if not p.merges and p.transform == Transform() and _DTYPES[t.dtype][1] == p.type:
-        nbytes = rows * cols * np.dtype(_DTYPES[t.dtype][0]).itemsize
+    if not p.merges and p.transform == Transform() and DTYPES[t.dtype][1] == p.type:
+        nbytes = rows * cols * np.dtype(DTYPES[t.dtype][0]).itemsize
         for start in range(0, nbytes, COPY_BYTES):
             yield source.raw(t, start, min(start + COPY_BYTES, nbytes))
             source.release(t, start, min(start + COPY_BYTES, nbytes))
@@ -225,7 +148,7 @@ def tensor_chunks(source: SafetensorsSource, p: Planned):
         x = source.read(t, 0, rows)
         x = x.reshape(t.shape).T if p.transform.transpose else x
         x = apply_merges(x, p.merges) if p.merges else np.ascontiguousarray(x)
-        source.release(t, 0, rows * cols * np.dtype(_DTYPES[t.dtype][0]).itemsize)
+        source.release(t, 0, rows * cols * np.dtype(DTYPES[t.dtype][0]).itemsize)
         step = max(1, CHUNK_VALUES // x.shape[1])
         for start in range(0, x.shape[0], step):
             yield _finish(x[start:start + step], p)
@@ -234,7 +157,7 @@ def tensor_chunks(source: SafetensorsSource, p: Planned):
     if p.transform.interleave_heads:
         head_dim = rows // p.transform.interleave_heads
         step = max(1, step // head_dim) * head_dim
-    itemsize = np.dtype(_DTYPES[t.dtype][0]).itemsize
+    itemsize = np.dtype(DTYPES[t.dtype][0]).itemsize
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         yield _finish(source.read(t, start, stop), p)
