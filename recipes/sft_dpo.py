@@ -22,7 +22,7 @@ from sft import SFTConfig
 from sft import main as sft
 
 from minift.config import ConfigError, config_from_dict, read_yaml
-from minift.lora.adapters import combine_adapters, merge_and_save
+from minift.lora.merge import combine_adapters, merge_and_save
 from minift.train.stage import run_recipe
 
 

@@ -14,14 +14,10 @@ from safetensors.torch import load_file, save_file
 from test_lora import close, logits, randomize_b
 from transformers import AutoModelForCausalLM
 
-from minift.lora.adapters import (
-    combine_adapters,
-    load_adapter,
-    merge_and_save,
-    save_adapter,
-)
+from minift.lora.adapters import load_adapter, save_adapter
 from minift.lora.config import LoraConfig
 from minift.lora.layers import apply_lora, lora_layers, saved_modules
+from minift.lora.merge import combine_adapters, merge_and_save
 from minift.model.load import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -509,7 +509,7 @@ def peft_adapter(base_dir, out):
 
 
 def test_merged_adapters_equal_merge_and_save(tiny_dir, gpt2_dir, tmp_path):
-    from minift.lora.adapters import merge_and_save
+    from minift.lora.merge import merge_and_save
 
     chains = {
         "llama": (tiny_dir, [

@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_lora import close, logits, randomize_b
 
-from minift.lora.adapters import load_adapter, merge_and_save, save_adapter
+from minift.lora.adapters import load_adapter, save_adapter
 from minift.lora.config import LoraConfig
 from minift.lora.layers import (
     apply_lora,
@@ -17,6 +17,7 @@ from minift.lora.layers import (
     merge_lora,
     unmerge_lora,
 )
+from minift.lora.merge import merge_and_save
 from minift.lora.weights import dequantized_weight
 from minift.model.load import load_model_and_tokenizer
 

@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from minift.lora.adapters import merge_and_save
+from minift.lora.merge import merge_and_save
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,106 @@
+"""Use a chain of adapters without the chain: fold them into one exact adapter (``combine_adapters``) or merge
+them into the base and save a plain Hugging Face model (``merge_and_save``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from minift import __version__
+from minift.lora.adapters import (
+    CONFIG_NAME,
+    PREFIX,
+    WEIGHTS_NAME,
+    _lora_config_from_json,
+    _peft_config_json,
+    _split_keys,
+    atomic_directory,
+    load_adapter,
+    read_adapter,
+)
+from minift.lora.config import LoraConfig
+from minift.lora.layers import merge_lora, unwrap_lora
+
+
+def combine_adapters(adapter_dirs: list[str | Path], out_dir: str | Path, *, stage: str = "combined") -> Path:
+    """Fold a chain of adapters (applied together) into one exact adapter of rank r1 + r2 + ...
+
+    ``ΔW = Σ s_i B_i A_i = [s_1 B_1, s_2 B_2, ...] @ [A_1; A_2; ...]``: A rows are stacked, B columns
+    are stacked with each scale folded in, and the result has scale 1 (alpha = r per module).
+    For ``modules_to_save`` the last adapter's copy wins, as when the chain is applied.
+    """
+    if not adapter_dirs:
+        raise ValueError("combine_adapters needs at least one adapter directory")
+    per_module: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    saved: dict[str, torch.Tensor] = {}
+    saved_names: list[str] = []
+    configs = []
+    for adapter_dir in adapter_dirs:
+        config, tensors = read_adapter(adapter_dir)
+        if config.get("use_dora"):
+            raise ValueError(f"{adapter_dir} is a DoRA adapter; DoRA's normalization cannot be combined exactly. "
+                             f"Merge the chain into the base instead (tools/merge_adapter.py).")
+        configs.append(config)
+        lora, full = _split_keys(config, tensors, Path(adapter_dir) / WEIGHTS_NAME)
+        cfg = _lora_config_from_json(config, sorted(lora))
+        for path, parts in lora.items():
+            r = parts["A"].shape[0]
+            alpha = cfg.alpha_for(path)
+            scale = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
+            per_module.setdefault(path, []).append((parts["A"].float(), parts["B"].float() * scale))
+        for owner, params in full.items():
+            for key, value in params.items():
+                saved[f"{PREFIX}{owner}.{key}"] = value
+        saved_names += [n for n in (config.get("modules_to_save") or []) if n not in saved_names]
+    state, ranks = {}, {}
+    for path, pairs in per_module.items():
+        state[f"{PREFIX}{path}.lora_A.weight"] = torch.cat([a for a, _ in pairs], dim=0).contiguous()
+        state[f"{PREFIX}{path}.lora_B.weight"] = torch.cat([b for _, b in pairs], dim=1).contiguous()
+        ranks[path] = sum(a.shape[0] for a, _ in pairs)
+    state.update(saved)
+    r = max(ranks.values())
+    patterns = {re.escape(p): k for p, k in ranks.items() if k != r}
+    config = LoraConfig(r=r, lora_alpha=float(r), target_modules=sorted(ranks), rank_pattern=patterns,
+                        alpha_pattern={k: float(v) for k, v in patterns.items()}, modules_to_save=saved_names or None)
+    block = {
+        "version": __version__,
+        "stage": stage,
+        "parents": [str(d) for d in adapter_dirs],
+        "base_fingerprint": (configs[0].get("minift") or {}).get("base_fingerprint"),
+    }
+    with atomic_directory(out_dir) as tmp:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        body = _peft_config_json(config, sorted(ranks), configs[0].get("base_model_name_or_path"), block)
+        (tmp / CONFIG_NAME).write_text(json.dumps(body, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def merge_and_save(
+    base_model_name_or_path: str,
+    adapter_dirs: list[str | Path],
+    out_dir: str | Path,
+    *,
+    dtype: str = "float32",
+    max_shard_size: str = "2GB",
+) -> Path:
+    """Load the full-precision base, apply and merge the adapters in order, write a plain HF model dir.
+
+    The result (sharded safetensors + tokenizer) loads with ``AutoModelForCausalLM`` alone.
+    Adapters trained on a 4-bit base merge here into the unquantized base, which is exact.
+    """
+    from minift.model.load import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(base_model_name_or_path, dtype=dtype)
+    for i, adapter_dir in enumerate(adapter_dirs):
+        load_adapter(model, adapter_dir, adapter_name=f"stage{i}")
+    merge_lora(model)
+    unwrap_lora(model)
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
