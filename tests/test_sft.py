@@ -435,9 +435,9 @@ def test_nan_after_weights_blew_up_names_the_last_checkpoint_with_sane_weights(s
     assert states[6]["warnings"][0].startswith("huge weights: trainable weights reach 1e+06 at step 5")
 
 
-def test_a_diverged_run_says_so(sft, data64, tmp_path):
+def test_a_diverged_run_says_so(sft, data64, tmp_path, caplog):
     """lr 1e6 saturates the model at once (loss flat, gradient norm 0): the run ends with both warnings in its
-    summary and run.json, and its checkpoints are not good ones to resume."""
+    summary and run.json, and its checkpoints are not good ones to resume (resuming one says so)."""
     out = tmp_path / "out"
     proc = run_sft("--dataset_name_or_path", data64, "--output_dir", out, *TINY_RUN, "--learning_rate", "1e6",
                    "--max_steps", "8", "--save_steps", "4")
@@ -445,6 +445,12 @@ def test_a_diverged_run_says_so(sft, data64, tmp_path):
     assert sorted(w.split(":")[0] for w in warnings) == ["huge weights", "zero gradient"], warnings
     assert "warning: zero gradient: the gradient norm has been 0 since step " in proc.stderr
     assert not json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())["healthy"]
+    from minift.train.checkpoints import find_checkpoint
+
+    with caplog.at_level("WARNING", logger="minift.train.checkpoints"):
+        assert find_checkpoint(str(out), "auto") == out / "checkpoint-8"  # resumable, but not without a word
+    assert f"{out / 'checkpoint-8'} was saved with diverged weights" in caplog.text
+    assert "the last good checkpoint is none" in caplog.text
 
 
 # ----------------------------------------------------------------------------- 8. checkpoint pruning
