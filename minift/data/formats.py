@@ -240,7 +240,7 @@ def _preference(prompt: list[dict], chosen: list[dict], rejected: list[dict], sr
     for name, turns in (("chosen", chosen), ("rejected", rejected)):
         if not any(str(t.get("content") or "").strip() for t in turns):
             raise RecordError(f"{src}: the {name} answer is empty; a preference pair needs two real answers "
-                              f"(remove the record {SKIP_HINT[1:]}")
+                              f"(remove the record or pass skip_invalid to count and skip such records)")
         if prompt:
             _in_order(prompt + turns, src, f"prompt + {name}")
 

@@ -89,7 +89,7 @@ def _read_file(path: Path) -> Iterator[Record]:
         yield from _read_csv(path, "\t" if suffix == ".tsv" else ",")
     elif suffix == ".txt":  # one record per line; Windows line ends read as plain ones
         for lineno, line, error in _lines(path):
-            text = line.rstrip("\n").removesuffix("\r").replace("\r\n", "\n").replace("\r", "\n")
+            text = line.rstrip("\n").removesuffix("\r").replace("\r", "\n")
             if error or text.strip():
                 yield Record({"__invalid__": error} if error else {"text": text}, f"{path}:{lineno}")
     elif suffix == ".parquet":

@@ -216,14 +216,16 @@ def _check_config(config, path: Path) -> None:
     def number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
+    def rank(v):
+        return number(v) and isinstance(v, int) and v > 0
+
     rules = {  # field: (check, what it must be); absent or null fields take their defaults
-        "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+        "r": (rank, "a positive integer"),
         "lora_alpha": (lambda v: number(v) and v > 0, "a positive number"),
         "lora_dropout": (lambda v: number(v) and 0 <= v < 1, "a number in [0, 1)"),
         "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
         "use_dora": (lambda v: isinstance(v, bool), "true or false"),
-        "rank_pattern": (lambda v: isinstance(v, dict) and all(isinstance(r, int) and not isinstance(r, bool)
-                                                                and r > 0 for r in v.values()),
+        "rank_pattern": (lambda v: isinstance(v, dict) and all(map(rank, v.values())),
                          "an object mapping module patterns to positive integers"),
         "alpha_pattern": (lambda v: isinstance(v, dict) and all(number(a) for a in v.values()),
                           "an object mapping module patterns to numbers"),

@@ -86,8 +86,9 @@ def load_for_training(cfg: TrainConfig, tokenizer):
         if cfg.init_adapter:
             load_adapter(model, cfg.init_adapter, adapter_name="init", trainable=False)
         if cfg.lora_r > 0:
-            check_ranks(model, lora_config_from(cfg))
-            apply_lora(model, lora_config_from(cfg), adapter_name=DEFAULT_ADAPTER)
+            lora_config = lora_config_from(cfg)
+            check_ranks(model, lora_config)
+            apply_lora(model, lora_config, adapter_name=DEFAULT_ADAPTER)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     if cfg.lora_r == 0:

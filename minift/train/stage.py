@@ -232,8 +232,9 @@ class Stage:
         state["step"], self.last_record = step, record
         self.speed.add(units)
         self.bar.update(1)
+        healthy = None  # the weights are checked where they are logged or saved, once a step
         if cfg.logging_steps and (step % cfg.logging_steps == 0 or step == self.total):
-            state["healthy"] = self.health.check_weights(step)
+            healthy = state["healthy"] = self.health.check_weights(step)
             logged = {**record, "lr": self.scheduler.get_last_lr()[0], f"{self.unit}_per_s": self.speed.rate(),
                       "epoch": step * cfg.gradient_accumulation_steps / self.batches.per_epoch}
             if grad_norm is not None:
@@ -253,7 +254,8 @@ class Stage:
         if cfg.save_steps and (step % cfg.save_steps == 0 or improved or self._stop):
             if improved:
                 state["best_checkpoint"] = str(self.out / f"checkpoint-{step}")
-            state["healthy"] = self.health.check_weights(step)  # a diverged checkpoint is never "the last good one"
+            # a diverged checkpoint is never "the last good one"
+            state["healthy"] = self.health.check_weights(step) if healthy is None else healthy
             save_checkpoint(self.accelerator, self.out, self.weights, self.optimizer, self.scheduler, state,
                             save_total_limit=cfg.save_total_limit)
         if self._stop:

@@ -17,10 +17,8 @@ import numpy as np
 from minift.export.gguf.writer import TensorType, bf16_bits_to_f32
 
 DTYPES = {"F32": (np.float32, TensorType.F32), "F16": (np.float16, TensorType.F16),
-           "BF16": (np.uint16, TensorType.BF16)}
+          "BF16": (np.uint16, TensorType.BF16)}
 _RELEASE_ALIGN = 1 << 20
-
-
 HEADER_LIMIT = 100 << 20  # safetensors' own limit on the JSON header's length
 _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
                 "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
