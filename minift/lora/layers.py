@@ -35,7 +35,6 @@ from minift.lora.weights import (
 logger = logging.getLogger(__name__)
 
 
-
 # ----------------------------------------------------------------------------- layers
 
 
@@ -348,6 +347,27 @@ def set_trainable(model: nn.Module, adapter_names: list[str]) -> None:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         logger.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    """Delete adapter ``name`` from every layer (layers left with no adapter keep their wrapper, which then
+    computes the base alone). Unmerge first if it is merged."""
+    if name not in adapter_configs(model):
+        raise ValueError(f"no adapter named {name!r}; the model has {list(adapter_configs(model))}")
+    for _, layer in lora_layers(model):
+        if name in layer.merged:
+            raise RuntimeError(f"adapter {name!r} is merged into the base weights: unmerge first")
+        for parts in (layer.lora_A, layer.lora_B, layer.lora_dropout, layer.lora_magnitude_vector):
+            if name in parts:
+                del parts[name]
+        for table in (layer.r, layer.lora_alpha, layer.scaling):
+            table.pop(name, None)
+        layer.disabled.discard(name)
+    for _, wrapper in saved_modules(model):
+        if name in wrapper.modules_to_save:
+            del wrapper.modules_to_save[name]
+        wrapper.disabled.discard(name)
+    del model.minift_lora_configs[name]
 
 
 @contextlib.contextmanager

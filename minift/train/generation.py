@@ -1,44 +1,24 @@
-"""Batched greedy generation and exact match against reference answers."""
+"""Greedy generation (through :mod:`minift.train.sampling`) and exact match against reference answers."""
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from minift.data.encode import encode_prompts
 from minift.data.formats import normalize_all
 from minift.data.read import load_records
+from minift.train.sampling import SamplingParams, sample
 
-GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}  # unset sampling defaults
 
-
-@torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
              batch_size: int = 64) -> list[list[int]]:
-    """Completion token ids for each prompt (left-padded in batches), cut before the first EOS.
-
-    ``prompts``: token id lists (already rendered with the chat template).
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    """Greedy completion token ids for each prompt (already rendered with the chat template), in batches of
+    ``batch_size``, without the EOS token that ended them."""
+    params = SamplingParams(max_new_tokens=max_new_tokens)
     completions = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start: start + batch_size]
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, p in enumerate(chunk):
-                ids[i, width - len(p):] = torch.tensor(p)
-                mask[i, width - len(p):] = 1
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                 pad_token_id=pad, eos_token_id=eos, **GREEDY)
-            for row in out[:, width:].tolist():
-                completions.append(row[: row.index(eos)] if eos in row else row)
-    finally:
-        model.train(was_training)
+    for start in range(0, len(prompts), batch_size):
+        for c in sample(model, tokenizer, prompts[start: start + batch_size], params):
+            completions.append(c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids)
     return completions
 
 

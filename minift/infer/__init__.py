@@ -1,0 +1,1 @@
+"""Using what was trained: generation with named adapters and the OpenAI-compatible server."""

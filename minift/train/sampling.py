@@ -1,0 +1,215 @@
+"""The one generation engine: batched sampling with a KV cache, per-row options, stop strings and streaming.
+
+Every prompt is prefilled once, however many completions it gets; rows that finish (EOS, a stop string,
+their token budget) leave the batch at once, so a long answer does not keep short ones computing. Each
+completion draws its randomness from its own generator, seeded by :func:`row_seed`, so completion ``j`` of a
+prompt depends only on its seed and ``j``: not on the batch it shared, nor on how many processes sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one prompt is completed. ``temperature`` 0 is greedy decoding (the other sampling options are then
+    unused); ``top_k`` 0 and ``top_p`` 1 and ``min_p`` 0 switch those filters off. ``stop``: strings that end the
+    completion (cut from its text). ``top_logprobs``: how many alternatives to report per token."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+    top_logprobs: int = 0
+
+    def __post_init__(self):
+        checks = [(self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
+                  (self.temperature >= 0, "temperature must be >= 0 (0: greedy)"),
+                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"), (self.top_k >= 0, "top_k must be >= 0 (0: off)"),
+                  (0 <= self.min_p < 1, "min_p must be in [0, 1)"), (self.top_logprobs >= 0, "top_logprobs must be >= 0"),
+                  (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{message}, got {self}")
+
+
+@dataclass
+class Completion:
+    """One sampled completion. ``token_ids`` include the EOS token that ended it (if one did); ``text`` is their
+    decoding without special tokens, cut before a stop string. ``logprobs[t]``: the model's log-probability
+    (temperature 1, before any filtering) of token ``t``; ``top_logprobs[t]``: the most likely ``(id, logprob)``
+    at that position. ``finish_reason``: ``stop`` (EOS or a stop string) or ``length``."""
+
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"
+
+
+def row_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (e.g. run seed, step, prompt index, sample index), stable across machines."""
+    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def stop_token_ids(model: nn.Module, tokenizer) -> set[int]:
+    """The ids that end a completion: the tokenizer's EOS and those of the model's generation config."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(configured) if isinstance(configured, (list, tuple)) else ({configured} if configured is not None else set())
+    return ids
+
+
+class _Row:
+    """The decoding state of one completion: its tokens, its text so far, and what has been streamed."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, seed: int):
+        self.params, self.completion = params, Completion(prompt_ids=list(prompt))
+        self.generator = torch.Generator().manual_seed(seed)
+        self.streamed = 0  # characters of the text already passed to on_text
+
+    def add(self, token: int, logprob: float, top: list[tuple[int, float]], tokenizer, stops: set[int],
+            streaming: bool) -> bool:
+        """Record one token; True when the completion is finished. The text is decoded every step only when
+        stop strings or streaming need it, else once at the end."""
+        c = self.completion
+        c.token_ids.append(token)
+        c.logprobs.append(logprob)
+        if self.params.top_logprobs:
+            c.top_logprobs.append(top)
+        done = token in stops or len(c.token_ids) >= self.params.max_new_tokens
+        if token in stops:
+            c.finish_reason = "stop"
+        if done or streaming or self.params.stop:
+            c.text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            hits = [i for i in (c.text.find(s) for s in self.params.stop) if i >= 0]
+            if hits:
+                c.text, c.finish_reason, done = c.text[: min(hits)], "stop", True
+        return done
+
+    def unstreamed(self, finished: bool) -> str:
+        """New text that is safe to show: while running, hold back an unfinished UTF-8 character and any tail
+        that could be the start of a stop string."""
+        text = self.completion.text
+        end = len(text)
+        if not finished:
+            end -= text.endswith("\ufffd")
+            held = 0
+            for s in self.params.stop:
+                held = max([held] + [k for k in range(1, len(s)) if text[:end].endswith(s[:k])])
+            end -= held
+        new = text[self.streamed: max(end, self.streamed)]
+        self.streamed = max(end, self.streamed)
+        return new
+
+
+def _pick(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+    """Next token per row ``(B,)`` from raw logits ``(B, V)``: argmax for greedy rows; otherwise temperature,
+    top-k, top-p and min-p filtering, then one uniform draw from the row's generator through the sorted CDF."""
+    choice = logits.argmax(-1)
+    sampled = [i for i, r in enumerate(rows) if r.params.temperature > 0]
+    if not sampled:
+        return choice
+    index = torch.tensor(sampled, device=logits.device)
+    params = [rows[i].params for i in sampled]
+    temps = torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
+    ordered, order = (logits[index] / temps).sort(dim=-1, descending=True)
+    probs = ordered.softmax(-1)
+    rank = torch.arange(probs.shape[-1], device=logits.device)[None]
+    top_k = torch.tensor([p.top_k or probs.shape[-1] for p in params], device=logits.device)[:, None]
+    top_p = torch.tensor([p.top_p for p in params], device=logits.device)[:, None]
+    min_p = torch.tensor([p.min_p for p in params], device=logits.device)[:, None]
+    drop = (rank >= top_k) | (probs.cumsum(-1) - probs > top_p) | (probs < min_p * probs[:, :1])
+    drop[:, 0] = False  # the most likely token always survives
+    cdf = probs.masked_fill(drop, 0).cumsum(-1)
+    draws = torch.cat([torch.rand(1, generator=rows[i].generator) for i in sampled]).to(logits.device)[:, None]
+    position = (cdf < draws * cdf[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
+    choice[index] = order.gather(1, position[:, None]).squeeze(1)
+    return choice
+
+
+@torch.inference_mode()
+def sample(model: nn.Module, tokenizer, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], *,
+           n: int = 1, on_text: Callable[[int, str, Completion | None], None] | None = None) -> list[Completion]:
+    """``n`` completions of each prompt (token ids, chat template already applied), returned prompt-major:
+    completion ``j`` of prompt ``i`` is at ``i * n + j`` and draws from ``row_seed(params[i].seed, j)``.
+
+    ``params``: one for all prompts or one per prompt. ``on_text(k, new_text, completion)``: called as text of
+    completion ``k`` becomes final (``completion`` is passed once, when it has finished), for streaming.
+    """
+    params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    if len(params) != len(prompts):
+        raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    was_training = model.training
+    model.eval()
+    try:
+        return _decode(model, tokenizer, prompts, params, n, on_text)
+    finally:
+        model.train(was_training)
+
+
+def _decode(model, tokenizer, prompts, params, n, on_text) -> list[Completion]:
+    device = next(model.parameters()).device
+    stops = stop_token_ids(model, tokenizer)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1]
+    if n > 1:  # each prompt was prefilled once; its n completions share that cache
+        cache.batch_repeat_interleave(n)
+        logits, mask = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+    rows = [_Row(prompts[k // n], params[k // n], row_seed(params[k // n].seed, k % n)) for k in range(len(prompts) * n)]
+    alive = list(range(len(rows)))
+    last_position = mask.sum(-1) - 1
+    while alive:
+        logits = logits.float()
+        logprobs = logits.log_softmax(-1)
+        tokens = _pick(logits, [rows[k] for k in alive])
+        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+        k_top = max(rows[k].params.top_logprobs for k in alive)
+        top = logprobs.topk(k_top, dim=-1) if k_top else None
+        keep = []
+        for slot, k in enumerate(alive):
+            alts = []
+            if top is not None:
+                count = rows[k].params.top_logprobs
+                alts = list(zip(top.indices[slot, :count].tolist(), top.values[slot, :count].tolist()))
+            done = rows[k].add(int(tokens[slot]), chosen[slot], alts, tokenizer, stops, on_text is not None)
+            if on_text is not None:
+                new = rows[k].unstreamed(done)
+                if new or done:
+                    on_text(k, new, rows[k].completion if done else None)
+            if not done:
+                keep.append(slot)
+        if not keep:
+            break
+        if len(keep) < len(alive):  # finished rows leave the batch and the cache
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            tokens, mask, last_position = tokens[index], mask[index], last_position[index]
+            alive = [alive[s] for s in keep]
+        mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+        last_position = last_position + 1
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last_position[:, None],
+                       cache=cache, use_cache=True).logits[:, -1]
+    return [r.completion for r in rows]

@@ -1,0 +1,168 @@
+"""The generation engine (minift/train/sampling.py) and the named-adapter API (minift/infer/engine.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_lora import randomize_b
+
+from minift.infer.engine import Generator, parse_adapter_specs
+from minift.lora.adapters import save_adapter
+from minift.lora.config import LoraConfig
+from minift.lora.layers import apply_lora, disable_adapters, lora_layers
+from minift.lora.merge import merge_and_save
+from minift.model.load import load_model_and_tokenizer
+from minift.train.sampling import SamplingParams, row_seed, sample
+
+PROMPTS = ["Reverse the words: red cup", "hello there", "one two three four five six seven"]
+GREEDY = SamplingParams(max_new_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_dir, gpt2_dir, tmp_path_factory):
+    """Two visible adapters on the tiny Llama (LoRA ``a``, DoRA ``b``) and one on the tiny GPT-2."""
+    out = tmp_path_factory.mktemp("adapters")
+    for name, extra in (("a", {}), ("b", {"use_dora": True})):
+        model, _ = load_model_and_tokenizer(str(tiny_dir))
+        apply_lora(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", **extra), name)
+        with torch.no_grad():
+            for _, layer in lora_layers(model):
+                layer.lora_B[name].weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name) + len(extra)))
+        save_adapter(model, out / name, adapter_name=name, base_model_name_or_path=str(tiny_dir))
+    model, _ = load_model_and_tokenizer(str(gpt2_dir))
+    apply_lora(model, LoraConfig(r=4, target_modules="all-linear"), "g")
+    randomize_b(model)
+    save_adapter(model, out / "gpt2", adapter_name="g")
+    return out
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_dir, adapters):
+    return Generator.load(str(tiny_dir), {"a": str(adapters / "a"), "b": str(adapters / "b")})
+
+
+def texts(completions):
+    return [c.text for c in completions]
+
+
+def test_greedy_equals_transformers_generate(tiny_dir, gpt2_dir):
+    """Our KV-cache loop (left padding, rows leaving the batch as they end) gives HF generate's greedy tokens,
+    for Llama and GPT-2 (Conv1D, learned positions)."""
+    for path in (tiny_dir, gpt2_dir):
+        model, tok = load_model_and_tokenizer(str(path))
+        prompts = [tok(p)["input_ids"] for p in PROMPTS]
+        ours = sample(model, tok, prompts, SamplingParams(max_new_tokens=20))
+        for p, c in zip(prompts, ours):
+            ref = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
+            assert c.token_ids == ref[: len(c.token_ids)] and len(ref) == len(c.token_ids), path.name
+
+
+def test_adapter_equals_merged_model_and_switching_restores_outputs(gen, tiny_dir, adapters, tmp_path):
+    """Generation with adapter ``a`` gives the tokens of the model with ``a`` merged; switching to ``b`` and the
+    base changes them, and switching back restores them, with the same base weights in memory (no reload)."""
+    merged_dir = merge_and_save(str(tiny_dir), [adapters / "a"], tmp_path / "merged")
+    merged = Generator.load(str(merged_dir))
+    weight = gen.model.get_input_embeddings().weight
+    pointer = weight.data_ptr()
+    first = gen.generate(PROMPTS, GREEDY, adapter="a")
+    assert [c.token_ids for c in first] == [c.token_ids for c in merged.generate(PROMPTS, GREEDY)]
+    other, base = texts(gen.generate(PROMPTS, GREEDY, adapter="b")), texts(gen.generate(PROMPTS, GREEDY))
+    assert len({tuple(texts(first)), tuple(other), tuple(base)}) == 3
+    assert texts(gen.generate(PROMPTS, GREEDY, adapter="a")) == texts(first)
+    assert texts(gen.generate(PROMPTS, GREEDY)) == base
+    assert gen.model.get_input_embeddings().weight.data_ptr() == pointer
+
+
+def test_merge_for_speed_gives_the_same_tokens(tiny_dir, adapters, gen):
+    fast = Generator.load(str(tiny_dir), {"a": str(adapters / "a"), "b": str(adapters / "b")}, merge=True)
+    for name in ("a", "b", "base", "a"):
+        assert texts(fast.generate(PROMPTS, GREEDY, adapter=name)) == texts(gen.generate(PROMPTS, GREEDY, adapter=name))
+        assert fast.merged == (None if name == "base" else name)
+
+
+def test_adapters_load_and_unload_at_runtime(gen, adapters):
+    before = texts(gen.generate(PROMPTS, GREEDY, adapter="a"))
+    gen.add_adapter("a2", adapters / "a")
+    assert gen.names == ["base", "a", "b", "a2"]
+    assert texts(gen.generate(PROMPTS, GREEDY, adapter="a2")) == before
+    gen.remove_adapter("a2")
+    assert gen.names == ["base", "a", "b"]
+    assert texts(gen.generate(PROMPTS, GREEDY, adapter="a")) == before
+    with pytest.raises(ValueError, match="no model or adapter named 'a2'; loaded: base, a, b"):
+        gen.generate(PROMPTS, GREEDY, adapter="a2")
+
+
+def test_logprobs_are_the_models(gen):
+    """Each token's log-prob (and its top alternatives) equals log_softmax of one full forward over prompt +
+    completion, at temperature 1, whatever the sampling temperature."""
+    [c] = gen.generate(PROMPTS[:1], SamplingParams(max_new_tokens=12, temperature=0.8, top_logprobs=3, seed=1),
+                       adapter="a")
+    ids = torch.tensor([c.prompt_ids + c.token_ids])
+    with torch.no_grad(), disable_adapters(gen.model, ["b"]):
+        full = gen.model(input_ids=ids).logits[0].float().log_softmax(-1)
+    n = len(c.prompt_ids)
+    expected = full[n - 1: n - 1 + len(c.token_ids)]
+    assert torch.allclose(torch.tensor(c.logprobs), expected.gather(1, torch.tensor(c.token_ids)[:, None])[:, 0], atol=2e-5)
+    for t, top in enumerate(c.top_logprobs):
+        values, indices = expected[t].topk(3)
+        assert [i for i, _ in top] == indices.tolist()
+        assert torch.allclose(torch.tensor([v for _, v in top]), values, atol=2e-5)
+
+
+def test_sampling_is_deterministic_per_completion(gen):
+    """Completion j of a prompt depends only on (seed, j): not on n, on the other prompts of the batch, or on
+    their options; different j differ; top_k 1 and a tiny top_p are greedy."""
+    hot = SamplingParams(max_new_tokens=16, temperature=1.5, top_p=0.95, top_k=50, min_p=0.01, seed=7)
+    together = gen.generate(PROMPTS, [hot, GREEDY, hot], n=4)
+    alone = gen.generate(PROMPTS[2:], hot, n=2)
+    assert [c.token_ids for c in together[8:10]] == [c.token_ids for c in alone]
+    assert len({tuple(c.token_ids) for c in together[:4]}) >= 3
+    assert len({tuple(c.token_ids) for c in together[4:8]}) == 1  # the greedy prompt's four copies
+    for narrow in (SamplingParams(max_new_tokens=16, temperature=1.0, top_k=1, seed=3),
+                   SamplingParams(max_new_tokens=16, temperature=1.0, top_p=1e-6, seed=3)):
+        assert texts(gen.generate(PROMPTS, narrow)) == texts(gen.generate(PROMPTS, SamplingParams(max_new_tokens=16)))
+    assert row_seed(7, 0) != row_seed(7, 1) and row_seed(1, 2, 3) == row_seed(1, 2, 3)
+
+
+def test_rows_of_different_lengths_leave_the_batch(gen):
+    """A batch whose rows stop at different budgets equals each row generated alone."""
+    budgets = [SamplingParams(max_new_tokens=k) for k in (3, 30, 11)]
+    together = gen.generate(PROMPTS, budgets, adapter="b")
+    for prompt, params, c in zip(PROMPTS, budgets, together):
+        [single] = gen.generate([prompt], params, adapter="b")
+        assert c.token_ids == single.token_ids and len(c.token_ids) <= params.max_new_tokens
+        assert c.finish_reason == ("length" if len(c.token_ids) == params.max_new_tokens else "stop")
+
+
+def test_stop_strings_and_streaming(gen):
+    """A stop string ends the completion and is cut from the text; the streamed pieces add up to the final text
+    and never show any part of the stop string, and each completion's end is reported once."""
+    [plain] = gen.generate(PROMPTS[1:2], SamplingParams(max_new_tokens=30), adapter="a")
+    assert len(plain.text) > 8, plain.text
+    stop = plain.text[5:8]
+    pieces, ends = [], []
+    params = SamplingParams(max_new_tokens=30, stop=(stop, "never-appears"))
+    [c] = gen.generate(PROMPTS[1:2], params, adapter="a",
+                       on_text=lambda k, text, done: (pieces.append(text), done and ends.append(done)))
+    assert c.text == plain.text[: plain.text.index(stop)] and c.finish_reason == "stop"
+    assert "".join(pieces) == c.text and ends == [c]
+    assert c.token_ids == plain.token_ids[: len(c.token_ids)]
+
+
+def test_bad_input_is_refused_clearly(gen, adapters, tiny_dir):
+    with pytest.raises(ValueError, match="different base model"):
+        gen.add_adapter("g", adapters / "gpt2")
+    assert gen.names == ["base", "a", "b"]
+    with pytest.raises(ValueError, match="already loaded"):
+        gen.add_adapter("a", adapters / "a")
+    with pytest.raises(FileNotFoundError, match="holds no adapter_config.json"):
+        parse_adapter_specs([f"x={tiny_dir}"])
+    assert parse_adapter_specs([f"s={adapters / 'a'}", str(adapters / "b")]) == {"s": str(adapters / "a"),
+                                                                                   "b": str(adapters / "b")}
+    with pytest.raises(ValueError, match="reserved for the base"):
+        parse_adapter_specs([f"base={adapters / 'a'}"])
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="at least one token"):
+        sample(gen.model, gen.tokenizer, [[]], GREEDY)
