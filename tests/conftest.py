@@ -52,6 +52,31 @@ def gpt2_dir(tiny_dir, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def random_adapters(tiny_dir, gpt2_dir, tmp_path_factory):
+    """Two visible adapters on the tiny Llama (LoRA ``a``, DoRA ``b``) and one on the tiny GPT-2 (``gpt2``)."""
+    from test_lora import randomize_b
+
+    from minift.lora.adapters import save_adapter
+    from minift.lora.config import LoraConfig
+    from minift.lora.layers import apply_lora, lora_layers
+    from minift.model.load import load_model_and_tokenizer
+
+    out = tmp_path_factory.mktemp("adapters")
+    for name, extra in (("a", {}), ("b", {"use_dora": True})):
+        model, _ = load_model_and_tokenizer(str(tiny_dir))
+        apply_lora(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", **extra), name)
+        with torch.no_grad():
+            for _, layer in lora_layers(model):
+                layer.lora_B[name].weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name) + len(extra)))
+        save_adapter(model, out / name, adapter_name=name, base_model_name_or_path=str(tiny_dir))
+    model, _ = load_model_and_tokenizer(str(gpt2_dir))
+    apply_lora(model, LoraConfig(r=4, target_modules="all-linear"), "g")
+    randomize_b(model)
+    save_adapter(model, out / "gpt2", adapter_name="g")
+    return out
+
+
 @pytest.fixture
 def llama(tiny_dir):
     from minift.model.load import load_model_and_tokenizer

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_lora import randomize_b
 
 from minift.infer.engine import Generator, parse_adapter_specs
-from minift.lora.adapters import save_adapter
-from minift.lora.config import LoraConfig
-from minift.lora.layers import apply_lora, disable_adapters, lora_layers
+from minift.lora.layers import disable_adapters
 from minift.lora.merge import merge_and_save
 from minift.model.load import load_model_and_tokenizer
 from minift.train.sampling import SamplingParams, row_seed, sample
@@ -19,26 +16,8 @@ GREEDY = SamplingParams(max_new_tokens=24)
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_dir, gpt2_dir, tmp_path_factory):
-    """Two visible adapters on the tiny Llama (LoRA ``a``, DoRA ``b``) and one on the tiny GPT-2."""
-    out = tmp_path_factory.mktemp("adapters")
-    for name, extra in (("a", {}), ("b", {"use_dora": True})):
-        model, _ = load_model_and_tokenizer(str(tiny_dir))
-        apply_lora(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", **extra), name)
-        with torch.no_grad():
-            for _, layer in lora_layers(model):
-                layer.lora_B[name].weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name) + len(extra)))
-        save_adapter(model, out / name, adapter_name=name, base_model_name_or_path=str(tiny_dir))
-    model, _ = load_model_and_tokenizer(str(gpt2_dir))
-    apply_lora(model, LoraConfig(r=4, target_modules="all-linear"), "g")
-    randomize_b(model)
-    save_adapter(model, out / "gpt2", adapter_name="g")
-    return out
-
-
-@pytest.fixture(scope="module")
-def gen(tiny_dir, adapters):
-    return Generator.load(str(tiny_dir), {"a": str(adapters / "a"), "b": str(adapters / "b")})
+def gen(tiny_dir, random_adapters):
+    return Generator.load(str(tiny_dir), {"a": str(random_adapters / "a"), "b": str(random_adapters / "b")})
 
 
 def texts(completions):
@@ -58,10 +37,10 @@ def test_greedy_equals_transformers_generate(tiny_dir, gpt2_dir):
             assert c.token_ids == ref[: len(c.token_ids)] and len(ref) == len(c.token_ids), path.name
 
 
-def test_adapter_equals_merged_model_and_switching_restores_outputs(gen, tiny_dir, adapters, tmp_path):
+def test_adapter_equals_merged_model_and_switching_restores_outputs(gen, tiny_dir, random_adapters, tmp_path):
     """Generation with adapter ``a`` gives the tokens of the model with ``a`` merged; switching to ``b`` and the
     base changes them, and switching back restores them, with the same base weights in memory (no reload)."""
-    merged_dir = merge_and_save(str(tiny_dir), [adapters / "a"], tmp_path / "merged")
+    merged_dir = merge_and_save(str(tiny_dir), [random_adapters / "a"], tmp_path / "merged")
     merged = Generator.load(str(merged_dir))
     weight = gen.model.get_input_embeddings().weight
     pointer = weight.data_ptr()
@@ -74,16 +53,16 @@ def test_adapter_equals_merged_model_and_switching_restores_outputs(gen, tiny_di
     assert gen.model.get_input_embeddings().weight.data_ptr() == pointer
 
 
-def test_merge_for_speed_gives_the_same_tokens(tiny_dir, adapters, gen):
-    fast = Generator.load(str(tiny_dir), {"a": str(adapters / "a"), "b": str(adapters / "b")}, merge=True)
+def test_merge_for_speed_gives_the_same_tokens(tiny_dir, random_adapters, gen):
+    fast = Generator.load(str(tiny_dir), {"a": str(random_adapters / "a"), "b": str(random_adapters / "b")}, merge=True)
     for name in ("a", "b", "base", "a"):
         assert texts(fast.generate(PROMPTS, GREEDY, adapter=name)) == texts(gen.generate(PROMPTS, GREEDY, adapter=name))
         assert fast.merged == (None if name == "base" else name)
 
 
-def test_adapters_load_and_unload_at_runtime(gen, adapters):
+def test_adapters_load_and_unload_at_runtime(gen, random_adapters):
     before = texts(gen.generate(PROMPTS, GREEDY, adapter="a"))
-    gen.add_adapter("a2", adapters / "a")
+    gen.add_adapter("a2", random_adapters / "a")
     assert gen.names == ["base", "a", "b", "a2"]
     assert texts(gen.generate(PROMPTS, GREEDY, adapter="a2")) == before
     gen.remove_adapter("a2")
@@ -150,18 +129,18 @@ def test_stop_strings_and_streaming(gen):
     assert c.token_ids == plain.token_ids[: len(c.token_ids)]
 
 
-def test_bad_input_is_refused_clearly(gen, adapters, tiny_dir):
+def test_bad_input_is_refused_clearly(gen, random_adapters, tiny_dir):
     with pytest.raises(ValueError, match="different base model"):
-        gen.add_adapter("g", adapters / "gpt2")
+        gen.add_adapter("g", random_adapters / "gpt2")
     assert gen.names == ["base", "a", "b"]
     with pytest.raises(ValueError, match="already loaded"):
-        gen.add_adapter("a", adapters / "a")
+        gen.add_adapter("a", random_adapters / "a")
     with pytest.raises(FileNotFoundError, match="holds no adapter_config.json"):
         parse_adapter_specs([f"x={tiny_dir}"])
-    assert parse_adapter_specs([f"s={adapters / 'a'}", str(adapters / "b")]) == {"s": str(adapters / "a"),
-                                                                                   "b": str(adapters / "b")}
+    a, b = str(random_adapters / "a"), str(random_adapters / "b")
+    assert parse_adapter_specs([f"s={a}", b]) == {"s": a, "b": b}
     with pytest.raises(ValueError, match="reserved for the base"):
-        parse_adapter_specs([f"base={adapters / 'a'}"])
+        parse_adapter_specs([f"base={random_adapters / 'a'}"])
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="at least one token"):
