@@ -11,10 +11,11 @@ folds the active adapter into the base weights for speed (unmerged again before 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from minift.data.encode import set_chat_template
 from minift.lora.adapters import load_adapter
@@ -124,14 +125,19 @@ class Generator:
                  on_text: Callable[[int, str, Completion | None], None] | None = None) -> list[Completion]:
         """Completions of ``prompts`` (texts, conversations, or token id lists used as given) with ``adapter``
         active and every other adapter off; see :func:`~minift.train.sampling.sample` for ``n`` and ``on_text``."""
-        self._check(adapter)
         ids = [p if p and isinstance(p[0], int) else self.render(p, chat=chat) for p in prompts]
-        others = [a for a in adapter_configs(self.model) if a != adapter]
-        if self.merge and adapter != BASE and self.merged != adapter:
+        with self.active(adapter):
+            return sample(self.model, self.tokenizer, ids, params, n=n, on_text=on_text)
+
+    @contextlib.contextmanager
+    def active(self, adapter: str = BASE) -> Iterator[None]:
+        """Within the block the model runs with ``adapter`` on and every other adapter off (in merge mode
+        ``adapter`` is merged into the base weights, and unmerged when another one is used)."""
+        self._check(adapter)
+        if self.merged and self.merged != adapter:
             self._unmerge()
+        if self.merge and adapter != BASE and self.merged != adapter:
             merge_lora(self.model, [adapter])
             self.merged = adapter
-        elif self.merged and self.merged != adapter:
-            self._unmerge()
-        with disable_adapters(self.model, others):
-            return sample(self.model, self.tokenizer, ids, params, n=n, on_text=on_text)
+        with disable_adapters(self.model, [a for a in adapter_configs(self.model) if a != adapter]):
+            yield
