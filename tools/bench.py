@@ -45,6 +45,11 @@ gguf  ``python tools/bench.py gguf [--reps 3] [--outtypes f16,bf16,q8_0] [--llam
       GGUF export of a 106M-parameter bf16 Llama, each conversion in a fresh process: wall time and peak RSS of
       ``tools/convert_to_gguf.py`` against llama.cpp's ``convert_hf_to_gguf.py`` (goal <= 0.5x both); see
       ``tools/bench_gguf.py``.
+serve ``python tools/bench.py serve [--reps 2] [--singles 16] [--threads 2] [--precision auto|bf16|fp32]``
+      tools/serve.py's server on model A (random weights, 127.0.0.1, urllib clients): 16 concurrent greedy
+      requests (prompt 64 tokens, 64 new) against the same requests one at a time (goal >= 3x aggregate new
+      tokens/s), and a lone request's latency against calling ``Generator.generate`` directly (goal <= 1.10x);
+      see ``tools/bench_serve.py``.
 """
 
 from __future__ import annotations
@@ -62,12 +67,14 @@ import bench_data  # noqa: E402  (sibling files: tools/ is not a package)
 import bench_dpo  # noqa: E402
 import bench_gguf  # noqa: E402
 import bench_lora  # noqa: E402
+import bench_serve  # noqa: E402
 import bench_sft  # noqa: E402
 
 # ----------------------------------------------------------------------------- driver
 
 # case name -> its module (tools/bench_<case>.py), with ``add_arguments(parser)`` and ``run(args) -> passed``
-CASES = {"lora": bench_lora, "data": bench_data, "sft": bench_sft, "dpo": bench_dpo, "gguf": bench_gguf}
+CASES = {"lora": bench_lora, "data": bench_data, "sft": bench_sft, "dpo": bench_dpo, "gguf": bench_gguf,
+         "serve": bench_serve}
 
 
 def machine_line() -> str:
