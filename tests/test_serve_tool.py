@@ -178,6 +178,11 @@ def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(serv
         assert info.value.param == field and field in info.value.message
     with pytest.raises(openai.BadRequestError, match="'messages' must be a non-empty list"):
         client.chat.completions.create(model="a", messages=[], max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="asks for 40 completions") as info:
+        client.completions.create(model="a", prompt=["red", "cup"], n=20, max_tokens=4)
+    assert info.value.param == "n"
+    status, err = raw_post(server, "/completions", b"{}", headers={"Content-Length": "-5"})
+    assert status == 400 and "Content-Length" in err["error"]["message"]
     status, err = raw_post(server, "/completions", json.dumps({"model": "a", "prompt": "x" * 70000}).encode())
     assert status == 413 and "at most 65536" in err["error"]["message"]
     still_serving()
@@ -217,14 +222,15 @@ def test_bad_command_lines_get_one_clear_error(tiny_dir, random_adapters, tmp_pa
 
 
 def test_concurrent_requests_are_decoded_together(engine, monkeypatch):
-    """In process: 16 simultaneous requests take a few engine calls, not 16, and each gets its own answer."""
+    """In process: 16 simultaneous requests take a few engine calls of at most --max_batch_size rows, not 16
+    calls, and each request gets its own answer."""
     from minift.infer.server import APIServer, ServerConfig
 
     calls: list[int] = []
     generate = engine.generate
     monkeypatch.setattr(engine, "generate", lambda prompts, *a, **k: calls.append(len(prompts)) or
                         generate(prompts, *a, **k))
-    srv = APIServer(engine, ServerConfig(served_model_name="tiny", batch_wait_s=0.05), "127.0.0.1", 0)
+    srv = APIServer(engine, ServerConfig(served_model_name="tiny", max_batch_size=8, batch_wait_s=0.05), "127.0.0.1", 0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=120)
@@ -240,6 +246,6 @@ def test_concurrent_requests_are_decoded_together(engine, monkeypatch):
     finally:
         srv.shutdown()
         srv.server_close()
-    assert sum(calls) == 16 and len(calls) <= 4 and max(calls) >= 8, calls
+    assert sum(calls) == 16 and len(calls) <= 6 and max(calls) == 8, calls
     want = generate(prompts, SamplingParams(max_new_tokens=6), chat=False)
     assert [answers[i] for i in range(16)] == [c.text for c in want]

@@ -128,6 +128,9 @@ def parse_request(body, *, chat: bool, resolve, render, tokenize, vocab_size: in
         min_p=_get(body, "min_p", (int, float), 0.0, check=lambda v: 0 <= v < 1, rule="in [0, 1)"),
         stop=tuple(stop), seed=_get(body, "seed", (int,), secrets.randbits(62)), top_logprobs=logprobs or 0)
     n = _get(body, "n", (int,), 1, check=lambda v: 1 <= v <= max_n, rule=f"an integer in [1, {max_n}]")
+    if len(prompts) * n > max_n:
+        raise APIError(400, f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} completions; this server "
+                            f"decodes at most {max_n} at once (--max_batch_size)", param="n")
     options = _get(body, "stream_options", (dict,), {})
     return Request(chat=chat, model=model, adapter=adapter, prompts=prompts, params=params, n=n,
                    stream=_get(body, "stream", (bool,), False), include_usage=bool(options.get("include_usage")),

@@ -65,6 +65,7 @@ class Batcher:
         self.gen, self.max_rows, self.wait_s = gen, max_rows, wait_s
         self.lock = threading.Lock()
         self.pending: queue.Queue[Job] = queue.Queue()
+        self.held: Job | None = None  # gathered but left for the next batch, which it would overflow
         threading.Thread(target=self._loop, name="minift-batcher", daemon=True).start()
 
     def submit(self, request: Request) -> Job:
@@ -73,13 +74,20 @@ class Batcher:
         return job
 
     def _gather(self) -> list[Job]:
-        jobs = [self.pending.get()]
+        jobs = [self.held or self.pending.get()]
+        self.held = None
         deadline = time.monotonic() + self.wait_s
-        while sum(j.rows for j in jobs) < self.max_rows:
+        rows = jobs[0].rows
+        while rows < self.max_rows:
             try:
-                jobs.append(self.pending.get(timeout=max(0.0, deadline - time.monotonic())))
+                job = self.pending.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
+            if rows + job.rows > self.max_rows:  # it opens the next batch
+                self.held = job
+                break
+            jobs.append(job)
+            rows += job.rows
         return jobs
 
     def _loop(self) -> None:
@@ -100,11 +108,15 @@ class Batcher:
 
         try:
             with self.lock:
+                if adapter not in self.gen.names:  # unloaded after the request was checked
+                    raise APIError(404, f"The model '{adapter}' was unloaded", param="model", code="model_not_found",
+                                   kind="NotFoundError")
                 completions = self.gen.generate([p for job in jobs for p in job.request.prompts],
                                                 [job.request.params for job, _ in owners], adapter=adapter, n=n,
                                                 on_text=on_text if any(job.request.stream for job in jobs) else None)
         except Exception as err:  # answered to each client; the server keeps serving
-            logger.exception("generation failed for %d request(s)", len(jobs))
+            if not isinstance(err, APIError):
+                logger.exception("generation failed for %d request(s)", len(jobs))
             for job in jobs:
                 job.events.put(("error", err))
             return
@@ -176,6 +188,8 @@ class Handler(BaseHTTPRequestHandler):
         except APIError as err:
             self.close_connection |= not self.body_read  # an unread body would be taken for the next request
             self._send_json(err.status, err.body())
+        except ConnectionError:  # the client left before its answer; nothing to tell it
+            self.close_connection = True
         except Exception as err:  # a bug, not the client's fault: say so and keep serving
             logger.exception("%s %s failed", self.command, self.path)
             self._send_json(500, APIError(500, f"internal error: {err}", kind="internal_error").body())
@@ -211,10 +225,14 @@ class Handler(BaseHTTPRequestHandler):
         routes[path](self._read_json(), path)
 
     def _read_json(self):
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise APIError(411, "chunked request bodies are not supported: send a Content-Length header")
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
-            raise APIError(400, "a bad Content-Length header") from None
+            length = -1
+        if length < 0:
+            raise APIError(400, f"a bad Content-Length header: {self.headers.get('Content-Length')!r}")
         limit = self.server.config.max_request_bytes
         if length > limit:
             raise APIError(413, f"the request body has {length} bytes; this server takes at most {limit}")
@@ -265,7 +283,10 @@ class Handler(BaseHTTPRequestHandler):
                 choice, text, done = payload
                 send(fmt.chunk(choice, text, done))
             elif kind == "error":
-                send({"error": APIError(500, f"generation failed: {payload[0]}", kind="internal_error").body()["error"]})
+                err = payload[0]
+                if not isinstance(err, APIError):
+                    err = APIError(500, f"generation failed: {err}", kind="internal_error")
+                send(err.body())
                 break
             else:
                 if job.request.include_usage:
