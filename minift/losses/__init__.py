@@ -3,12 +3,23 @@
 - ``lm_head``: cross-entropy and token log-probs through the LM head, chunked so ``(N, V)`` logits never exist;
   summed / mean completion log-probs from logits without a float32 ``(B, T, V)`` copy
 - ``preference``: DPO and its variants (IPO, hinge, robust, EXO, NCA, BCO, SPPO, APO), SimPO, CPO, ORPO, KTO
+- ``policy``: online RL from sampled groups: GRPO / Dr. GRPO / RLOO advantages, KL estimators, the clipped
+  GRPO surrogate (DAPO clip-higher, GSPO sequence ratios; grpo / bnpo / dr_grpo / dapo aggregation)
 """
 
 from minift.losses.lm_head import (
     chunked_cross_entropy,
     completion_logprobs,
     token_logprobs,
+)
+from minift.losses.policy import (
+    GRPO_LOSS_TYPES,
+    group_advantages,
+    grpo_loss,
+    informative_groups,
+    kl_per_token,
+    rloo_advantages,
+    rloo_rewards,
 )
 from minift.losses.preference import (
     DPO_LOSS_TYPES,
@@ -20,4 +31,6 @@ from minift.losses.preference import (
 )
 
 __all__ = ["chunked_cross_entropy", "token_logprobs", "completion_logprobs",
-           "DPO_LOSS_TYPES", "dpo_loss", "simpo_loss", "cpo_loss", "orpo_loss", "kto_loss"]
+           "DPO_LOSS_TYPES", "dpo_loss", "simpo_loss", "cpo_loss", "orpo_loss", "kto_loss",
+           "GRPO_LOSS_TYPES", "group_advantages", "rloo_advantages", "informative_groups", "kl_per_token",
+           "rloo_rewards", "grpo_loss"]
