@@ -175,7 +175,7 @@ def test_unpaired_and_prompt_records(tok):
     convo = next(e for e in msgs.examples if len(e.messages) > 1)
     assert convo.messages[-1]["role"] == "user"
     _, report = encode_prompts(prompts.examples, tok, max_prompt_length=8)
-    assert report.dropped_too_long == 400
+    assert report.dropped_too_long == len(prompts.examples) == 4000
 
 
 # ----------------------------------------------------------------------------- truncation

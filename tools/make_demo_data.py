@@ -16,7 +16,8 @@ minift/tiny_corpus.txt (the tiny model's tokenizer corpus). Files written:
 - demo_preference.jsonl 2000 {"prompt", "chosen", "rejected"} pairs; half plain strings, a quarter
                          as message lists, a quarter with an implicit (shared user turn) prompt.
 - demo_kto.jsonl         400 unpaired {"prompt", "completion", "label"} records, half correct.
-- demo_prompts.jsonl     400 {"prompt", "answer"} records for online RL (answer goes to rewards).
+- demo_prompts.jsonl     4000 {"prompt", "answer"} records for online RL (answer goes to rewards; enough that
+                         a run does not memorize them).
 - demo_reasoning.jsonl   400 {"prompt", "completion", "answer"} records whose completion works
                          the reversal out step by step, then ends with "Answer: ...".
 
@@ -34,7 +35,7 @@ from pathlib import Path
 
 SEED = 1234
 ROOT = Path(__file__).resolve().parent.parent
-CORPUS = ROOT / "minift" / "tiny_corpus.txt"
+CORPUS = ROOT / "minift" / "model" / "tiny_corpus.txt"
 OUT_DIR = ROOT / "recipes" / "data"
 SYSTEM = "You are a helpful assistant."
 N_EVAL, N_POOL = 100, 12000
@@ -191,7 +192,7 @@ def main() -> None:
     write_jsonl("demo_eval.jsonl", [{"prompt": prompt(w), "answer": answer(w)} for w in eval_lists])
     write_jsonl("demo_preference.jsonl", make_preference(rngs["pref"], pool, vocab))
     write_jsonl("demo_kto.jsonl", make_kto(rngs["kto"], pool, vocab))
-    rl_lists = rngs["rl"].sample(pool, 400)
+    rl_lists = rngs["rl"].sample(pool, 4000)
     write_jsonl("demo_prompts.jsonl", [{"prompt": prompt(w), "answer": answer(w)} for w in rl_lists])
     reason_lists = rngs["reason"].sample(pool, 400)
     write_jsonl(

@@ -50,14 +50,16 @@ class OnlineBatches:
         return self.make_batch(prompts, seeds)
 
 
-def check_enough_rows(n_rows: int, cfg: TrainConfig, num_processes: int, what: str) -> None:
-    """Fail before the model loads when the training data cannot fill one global batch."""
-    need = cfg.per_device_train_batch_size * num_processes
-    if n_rows < need:
+def check_enough_rows(n_rows: int, cfg: TrainConfig, num_processes: int, what: str, per_device: int | None = None) -> None:
+    """Fail before the model loads when the training data cannot fill one global batch (``per_device`` rows per
+    process, by default ``per_device_train_batch_size``)."""
+    fix = (f"lower --per_device_train_batch_size to {max(1, n_rows // num_processes)} or less" if per_device is None
+           else "use a smaller batch")
+    per_device = per_device or cfg.per_device_train_batch_size
+    if n_rows < per_device * num_processes:
         procs = f" x {num_processes} processes" if num_processes > 1 else ""
         raise ConfigError(f"{cfg.dataset_name_or_path}: the training data makes {n_rows} {what}, fewer than one "
-                          f"batch ({cfg.per_device_train_batch_size}{procs}); lower --per_device_train_batch_size to "
-                          f"{max(1, n_rows // num_processes)} or less, or add data")
+                          f"batch ({per_device}{procs}); {fix}, or add data")
 
 
 def total_steps(cfg: TrainConfig, per_epoch: int) -> int:

@@ -97,7 +97,7 @@ class SequenceLogprobs(CausalLMLoss):
     LM head, in chunks: ``(batch, seq, vocab)`` logits never exist."""
 
     def forward(self, **batch) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, targets = self._hidden_and_targets(batch)
+        logps = self.labelled_logps(batch)
         labels = batch["labels"][:, 1:]
         if "doc_index" in batch:
             doc = batch["doc_index"][:, 1:][labels != IGNORE_INDEX]
@@ -105,20 +105,35 @@ class SequenceLogprobs(CausalLMLoss):
         else:
             rows = torch.arange(labels.shape[0], device=labels.device)
             doc, n_docs = rows[:, None].expand_as(labels)[labels != IGNORE_INDEX], labels.shape[0]
+        return segment_sums(logps, doc, n_docs)
+
+    def labelled_logps(self, batch: dict) -> torch.Tensor:
+        """``(N,)`` float32 log-probs of the labelled positions, in row-major order."""
+        hidden, targets = self._hidden_and_targets(batch)
         head = self.model.get_output_embeddings()
         if isinstance(head, ModulesToSave):
             head = head.current()
         if type(head) is nn.Linear:
-            logps = token_logprobs(hidden, head.weight, targets, chunk_size=self.chunk_size, bias=head.bias,
-                                   **self._logit_options())
-        else:  # a LoRA-wrapped or quantized head: recompute each chunk's logits in backward
-            parts = [checkpoint(self._chunk_logps, head, h, t, use_reentrant=False)
-                     for h, t in zip(hidden.split(self.chunk_size), targets.split(self.chunk_size))]
-            logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-        return segment_sums(logps, doc, n_docs)
+            return token_logprobs(hidden, head.weight, targets, chunk_size=self.chunk_size, bias=head.bias,
+                                  **self._logit_options())
+        # a LoRA-wrapped or quantized head: recompute each chunk's logits in backward
+        parts = [checkpoint(self._chunk_logps, head, h, t, use_reentrant=False)
+                 for h, t in zip(hidden.split(self.chunk_size), targets.split(self.chunk_size))]
+        return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
     def _chunk_logps(self, head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return -F.cross_entropy(self._logits(head, h), t, reduction="none")
+
+
+class TokenLogprobs(SequenceLogprobs):
+    """Wraps a causal LM so that one forward over padded rows returns per-token log-probs ``(B, T - 1)`` float32:
+    position t is the log-prob of token t + 1, 0 where ``labels`` is ignored (the policy losses' layout). Only
+    labelled positions reach the LM head, in chunks."""
+
+    def forward(self, **batch) -> torch.Tensor:
+        logps = self.labelled_logps(batch)
+        labelled = batch["labels"][:, 1:] != IGNORE_INDEX
+        return logps.new_zeros(labelled.shape).masked_scatter(labelled, logps)
 
 
 def evaluate(accelerator, loss_model: CausalLMLoss, batches: list[dict]) -> dict[str, float]:

@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from minift.config import ConfigError
 from minift.data.read import Record, RecordError
 
 CALL_ARGS = ("prompts", "completions", "completion_ids")
@@ -75,7 +76,7 @@ class RewardModel:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
         if self.model.config.num_labels != 1:
-            raise ValueError(f"{path}: a reward model has one output (num_labels=1), this one has "
+            raise ConfigError(f"{path}: a reward model has one output (num_labels=1), this one has "
                              f"{self.model.config.num_labels}")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -109,17 +110,17 @@ def load_reward(spec: str, *, max_completion_length: int | None = None) -> tuple
         fn = BUNDLED[spec]
         if fn is length_penalty:
             if not max_completion_length:
-                raise ValueError("the length_penalty reward needs max_completion_length (the recipe's max_new_tokens)")
+                raise ConfigError("the length_penalty reward needs max_completion_length (the recipe's max_new_tokens)")
             return spec, _named(lambda *a, **k: length_penalty(*a, max_completion_length=max_completion_length, **k),
                                 spec, ("completion_ids",))
         return spec, fn
     if Path(spec).is_dir():
         if not (Path(spec) / "config.json").is_file():
-            raise ValueError(f"reward {spec}: a directory must hold a sequence-classification model (config.json)")
+            raise ConfigError(f"reward {spec}: a directory must hold a sequence-classification model (config.json)")
         return Path(spec).name, RewardModel(spec)
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"reward {spec!r}: use a bundled name ({', '.join(BUNDLED)}), a reward-model directory, "
+        raise ConfigError(f"reward {spec!r}: use a bundled name ({', '.join(BUNDLED)}), a reward-model directory, "
                          f"or module:function / path/to/file.py:function")
     try:
         if module_name.endswith(".py"):
@@ -131,11 +132,11 @@ def load_reward(spec: str, *, max_completion_length: int | None = None) -> tuple
         else:
             module = importlib.import_module(module_name)
     except Exception as err:
-        raise ValueError(f"reward {spec}: cannot import {module_name}: {type(err).__name__}: {err}") from err
+        raise ConfigError(f"reward {spec}: cannot import {module_name}: {type(err).__name__}: {err}") from err
     fn = getattr(module, attr, None)
     if not callable(fn):
         names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-        raise ValueError(f"reward {spec}: {module_name} has no function {attr!r}; it has: {', '.join(names)}")
+        raise ConfigError(f"reward {spec}: {module_name} has no function {attr!r}; it has: {', '.join(names)}")
     _check_signature(attr, fn)
     return attr, fn
 
@@ -149,7 +150,7 @@ def _check_signature(name: str, fn: Callable) -> None:
     params = inspect.signature(fn).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     if not takes_any and not {"prompts", "completions"} <= set(params):
-        raise ValueError(f"reward {name}{inspect.signature(fn)}: a reward is called as "
+        raise ConfigError(f"reward {name}{inspect.signature(fn)}: a reward is called as "
                          f"{name}(prompts=..., completions=..., **fields) and must accept prompts and completions")
 
 

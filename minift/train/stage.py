@@ -58,6 +58,7 @@ from minift.train.outputs import (
     write_model_card,
     write_run_json,
 )
+from minift.train.rewards import RewardError
 from minift.train.setup import (
     close_processes,
     end_stage,
@@ -157,11 +158,14 @@ class Stage:
         return ShardedBatches(rows, self.cfg.per_device_train_batch_size, self.accelerator.num_processes,
                               self.accelerator.process_index, self.cfg.seed, collate)
 
-    def online_batches(self, prompts: list, make_batch, *, what: str = "prompts") -> OnlineBatches:
-        """Micro-batches made during training from ``prompts`` (see :class:`~minift.train.batches.OnlineBatches`)."""
-        check_enough_rows(len(prompts), self.cfg, self.accelerator.num_processes, what)
-        return OnlineBatches(prompts, self.cfg.per_device_train_batch_size, self.accelerator.num_processes,
-                             self.accelerator.process_index, self.cfg.seed, make_batch)
+    def online_batches(self, prompts: list, make_batch, *, what: str = "prompts",
+                       per_device: int | None = None) -> OnlineBatches:
+        """Micro-batches made during training from ``prompts`` (see :class:`~minift.train.batches.OnlineBatches`),
+        ``per_device`` prompts each (default ``per_device_train_batch_size``)."""
+        per_device = per_device or self.cfg.per_device_train_batch_size
+        check_enough_rows(len(prompts), self.cfg, self.accelerator.num_processes, what, per_device)
+        return OnlineBatches(prompts, per_device, self.accelerator.num_processes, self.accelerator.process_index,
+                             self.cfg.seed, make_batch)
 
     @property
     def adapter_name(self) -> str | None:
@@ -318,7 +322,7 @@ def run_recipe(main, config_class, doc: str) -> None:
     mistake printed as one ``error:`` line (exit status 1) instead of a traceback."""
     try:
         main(parse_config(config_class, description=doc.split("\n\n")[0]))
-    except (ConfigError, FileNotFoundError, RecordError, HubPushError, FloatingPointError) as err:
+    except (ConfigError, FileNotFoundError, RecordError, RewardError, HubPushError, FloatingPointError) as err:
         sys.exit(f"error: {err}")
     finally:
         release_output_dirs()

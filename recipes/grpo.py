@@ -1,0 +1,205 @@
+"""GRPO (and RLOO): online RL from rewarded samples, with LoRA, on the stage kit.
+
+    accelerate launch recipes/sft.py --num_train_epochs 5 --output_dir out/sft_weak   # a weak start (44%)
+    accelerate launch recipes/grpo.py --init_adapter out/sft_weak/adapter             # the demo: 69%
+    accelerate launch recipes/grpo.py --init_adapter out/sft_weak/adapter --advantage rloo
+    accelerate launch recipes/grpo.py --reward exact_match,my_rewards.py:brevity --reward_weights 1,0.2
+
+Each step: draw prompts, sample ``num_generations`` completions of each with the current policy (one batched
+KV-cache call; completion j of prompt i seeded by (seed, its place in the run, j), so any number of processes
+draws the same rollouts), score them with the rewards, turn rewards into advantages (GRPO: group-centred,
+scaled by the group's std, the batch's or not at all; RLOO: leave-one-out), then the clipped policy loss on
+the completion tokens. The reference for ``beta > 0`` is the start model: the trainable adapter disabled.
+``per_device_train_batch_size`` counts completions and must divide by ``num_generations``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from minift.config import DataSection, TrainConfig
+from minift.constants import IGNORE_INDEX
+from minift.data.formats import normalize_all
+from minift.data.packing import collate_padded
+from minift.data.read import load_records
+from minift.lora.layers import disable_adapters
+from minift.losses import (
+    GRPO_LOSS_TYPES,
+    group_advantages,
+    grpo_loss,
+    rloo_advantages,
+    rloo_rewards,
+)
+from minift.train.forward import TokenLogprobs
+from minift.train.rewards import Rewards, load_reward
+from minift.train.sampling import SamplingParams, sample
+from minift.train.stage import Stage, run_recipe
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@dataclass
+class GRPOConfig(DataSection, TrainConfig):
+    num_generations: int = field(default=8, metadata={"help": "completions per prompt (G)"})
+    max_completion_length: int = field(default=16, metadata={"help": "new tokens per completion at most"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts"})
+    top_p: float = field(default=1.0, metadata={"help": "rollout nucleus sampling (1: off)"})
+    top_k: int = field(default=0, metadata={"help": "rollout top-k (0: off)"})
+    min_p: float = field(default=0.0, metadata={"help": "rollout min-p (0: off)"})
+    reward: list[str] = field(default_factory=lambda: ["exact_match"], metadata={
+        "help": "rewards: exact_match, partial_credit, think_format, length_penalty, module:function, "
+                "file.py:function or a reward-model directory; comma-separated for several"})
+    reward_weights: list[float] | None = field(default=None, metadata={"help": "one weight per reward (default 1)"})
+    advantage: str = field(default="grpo", metadata={"help": "grpo (group-normalized) or rloo (leave-one-out)"})
+    scale_rewards: str = field(default="group", metadata={"help": "grpo advantages / std of: group, batch, none"})
+    loss_type: str = field(default="dapo", metadata={"help": "aggregation: grpo, bnpo, dr_grpo, dapo"})
+    importance_sampling: str = field(default="token", metadata={"help": "token or sequence (GSPO) ratios"})
+    epsilon: float = field(default=0.2, metadata={"help": "clip range below (and above, unless epsilon_high)"})
+    epsilon_high: float | None = field(default=None, metadata={"help": "clip range above (DAPO: 0.28)"})
+    beta: float = field(default=0.0, metadata={"help": "KL coefficient to the start model (0: no reference pass)"})
+    mask_truncated_completions: bool = field(default=False, metadata={"help": "no loss on completions cut at "
+                                                                              "max_completion_length"})
+    # The demo: from a weak SFT start (44% held-out exact match), 16 prompts x 8 completions a step over the 4,000
+    # demo prompts, exact-match reward: 69% after 4,000 steps (about 4.5 minutes on 2 CPU cores). 10 epochs: 63%;
+    # lr 2e-3: 58% after 6 epochs; lr 3e-4 barely moves in 2 epochs.
+    DEMO_DATA, DEMO_EVAL = DATA / "demo_prompts.jsonl", DATA / "demo_eval.jsonl"
+    dataset_name_or_path: str = str(DEMO_DATA)
+    output_dir: str = "out/grpo"
+    per_device_train_batch_size: int = 128
+    learning_rate: float = 1e-3
+    num_train_epochs: float = 16.0
+    lora_r: int = 16
+
+    def check(self) -> None:
+        checks = [(self.num_generations >= 2, "num_generations must be >= 2: advantages compare a prompt's completions"),
+                  (self.per_device_train_batch_size % self.num_generations == 0,
+                   f"per_device_train_batch_size ({self.per_device_train_batch_size}) counts completions and must "
+                   f"divide by num_generations ({self.num_generations}): use a multiple of {self.num_generations}"),
+                  (self.advantage in ("grpo", "rloo"), f"advantage must be grpo or rloo, got {self.advantage!r}"),
+                  (self.scale_rewards in ("group", "batch", "none"), "scale_rewards must be group, batch or none"),
+                  (self.loss_type in GRPO_LOSS_TYPES, f"loss_type must be one of {GRPO_LOSS_TYPES}"),
+                  (self.importance_sampling in ("token", "sequence"), "importance_sampling must be token or sequence"),
+                  (self.max_completion_length >= 1 and self.temperature > 0, "max_completion_length must be >= 1 "
+                                                                              "and temperature > 0"),
+                  (self.epsilon >= 0 and self.beta >= 0, "epsilon and beta must be >= 0"),
+                  (self.beta == 0 or self.lora_r > 0, "beta > 0 compares with the start model, which a full "
+                                                      "fine-tune (lora_r 0) does not keep: train an adapter")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def load_prompts(cfg: GRPOConfig, tokenizer, rewards: Rewards) -> tuple[list[dict], dict]:
+    """Prompt records (with the fields the rewards need, checked) -> rendered prompt token ids."""
+    records = load_records(cfg.dataset_name_or_path, "train")
+    rewards.check_records(records)
+    norm = normalize_all(records, "prompt", fmt=cfg.dataset_format, skip_invalid=cfg.skip_invalid)
+    rows, too_long = [], 0
+    for ex in norm.examples:
+        text = tokenizer.apply_chat_template(ex.messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > cfg.max_seq_length:
+            too_long += 1
+            continue
+        prompt = ex.messages[0]["content"] if len(ex.messages) == 1 else ex.messages
+        rows.append({"input_ids": ids, "prompt": prompt, "fields": ex.extra})
+    return rows, {"prompts": len(rows), "dropped_too_long": too_long, "skipped_invalid": len(norm.skipped)}
+
+
+class Rollouts:
+    """``rollouts(prompts, seeds)``: G completions per prompt from the current policy, scored, laid out as one
+    padded batch with advantages (the stage's online micro-batch); ``names`` label its ``metrics`` tensor."""
+
+    def __init__(self, cfg: GRPOConfig, logps_model: TokenLogprobs, tokenizer, rewards: Rewards, adapter: str | None):
+        self.cfg, self.logps_model, self.model = cfg, logps_model, logps_model.model
+        self.tokenizer, self.rewards, self.adapter, self.names = tokenizer, rewards, adapter, []
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[dict], seeds: list[int]) -> dict:
+        cfg, G, start = self.cfg, self.cfg.num_generations, time.perf_counter()
+        params = [SamplingParams(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                                 top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p, seed=s) for s in seeds]
+        completions = sample(self.model, self.tokenizer, [p["input_ids"] for p in prompts], params, n=G)
+        generating = time.perf_counter() - start
+        owners = [prompts[k // G] for k in range(len(completions))]
+        fields = {key: [p["fields"].get(key) for p in owners] for key in prompts[0]["fields"]}
+        total, values = self.rewards([p["prompt"] for p in owners], [c.text for c in completions],
+                                     [c.token_ids for c in completions], fields, G)
+        batch = collate_padded([{"input_ids": c.prompt_ids + c.token_ids,
+                                 "labels": [IGNORE_INDEX] * len(c.prompt_ids) + c.token_ids} for c in completions],
+                               self.tokenizer.pad_token_id)
+        if cfg.beta > 0:  # the start model (trainable adapter off): the KL term, or folded into RLOO's rewards
+            with disable_adapters(self.model, [self.adapter]):
+                batch["ref_logps"] = self.logps_model(**batch)
+        if cfg.advantage == "rloo":
+            mask = batch["labels"][:, 1:] != IGNORE_INDEX
+            shaped = total if cfg.beta == 0 else rloo_rewards(total, self.logps_model(**batch), batch["ref_logps"],
+                                                              mask, beta=cfg.beta)
+            batch["advantages"] = rloo_advantages(shaped, G)
+        else:
+            batch["advantages"] = group_advantages(total, G, scale=cfg.scale_rewards)
+        lengths = torch.tensor([float(len(c.token_ids)) for c in completions])
+        batch["truncated"] = torch.tensor([c.finish_reason == "length" for c in completions])
+        metrics = {**Rewards.metrics(total, values), "completion_length": lengths.mean().item(),
+                   "completion_length_max": lengths.max().item(), "truncated": batch["truncated"].float().mean().item(),
+                   "generate_s": generating, "rollout_s": time.perf_counter() - start}
+        self.names = list(metrics)
+        batch["metrics"] = torch.tensor(list(metrics.values()), dtype=torch.float64)
+        return batch
+
+
+def grpo_step(accelerator, logps_model, cfg: GRPOConfig, window: list[dict], names: list[str]) -> tuple[float, dict]:
+    """The clipped policy loss over the window's completion tokens, one backward per micro-batch (rollouts are
+    fresh, so the importance ratios are 1 and the loss's gradient is the policy gradient)."""
+    tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
+    num_items = accelerator.reduce(torch.tensor(float(tokens), device=accelerator.device), "sum") / accelerator.num_processes
+    totals, stats = torch.zeros((), device=accelerator.device), []
+    for batch in window:
+        mask = batch["labels"][:, 1:] != IGNORE_INDEX
+        if cfg.mask_truncated_completions:
+            mask = mask & ~batch["truncated"][:, None]
+        logps = logps_model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
+        loss, metrics = grpo_loss(logps, logps.detach(), batch["advantages"], mask, ref_logps=batch.get("ref_logps"),
+                                  beta=cfg.beta, epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                                  importance_sampling=cfg.importance_sampling, loss_type=cfg.loss_type,
+                                  max_completion_length=cfg.max_completion_length, num_items=num_items)
+        scale = 1.0 if cfg.loss_type == "dapo" else 1.0 / len(window)  # dapo divides by the window's tokens
+        accelerator.backward(loss * scale)
+        totals += loss.detach() * scale
+        token_stats = torch.stack([metrics["clip_low"], metrics["clip_high"], metrics.get("kl", torch.zeros(()))])
+        stats.append(torch.cat([batch["metrics"].to(accelerator.device),  # rollout means, then token-weighted sums
+                                token_stats.double().to(accelerator.device) * mask.sum() * len(window) / num_items]))
+    mean = accelerator.reduce(torch.stack(stats).mean(0), "mean").tolist()
+    record = dict(zip(names + ["clip_low", "clip_high", "kl"], mean))
+    if cfg.beta == 0:
+        del record["kl"]
+    loss = accelerator.reduce(totals, "mean").item()
+    record.update(loss=loss, generate_share=record.pop("generate_s") / max(record.pop("rollout_s"), 1e-9))
+    return loss, record
+
+
+def main(cfg: GRPOConfig) -> dict:
+    stage = Stage(cfg, "grpo", unit="completions")
+    accelerator, tokenizer = stage.accelerator, stage.load_tokenizer()
+    rewards = Rewards([load_reward(s, max_completion_length=cfg.max_completion_length) for s in cfg.reward],
+                      cfg.reward_weights)
+    prompts, data_report = load_prompts(cfg, tokenizer, rewards)  # data errors before weights load
+    model = stage.load_model()
+    logps_model = TokenLogprobs(model)
+    make = Rollouts(cfg, logps_model, tokenizer, rewards, stage.adapter_name)
+    batches = stage.online_batches(prompts, make, per_device=cfg.per_device_train_batch_size // cfg.num_generations)
+    logps_model = stage.prepare(logps_model, batches)
+    stage.resume()
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    for window in stage.steps():
+        loss, record = grpo_step(accelerator, logps_model, cfg, window, make.names)
+        stage.update(loss, record, units=per_step)
+    return stage.finish(data=data_report)
+
+
+if __name__ == "__main__":
+    run_recipe(main, GRPOConfig, __doc__)
