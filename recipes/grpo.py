@@ -158,13 +158,14 @@ def grpo_step(accelerator, logps_model, cfg: GRPOConfig, window: list[dict], nam
     tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
     num_items = accelerator.reduce(torch.tensor(float(tokens), device=accelerator.device), "sum") / accelerator.num_processes
     totals, stats = torch.zeros((), device=accelerator.device), []
+    kl_beta = cfg.beta if cfg.advantage == "grpo" else 0.0  # RLOO's KL is in its rewards, not a loss term
     for batch in window:
         mask = batch["labels"][:, 1:] != IGNORE_INDEX
         if cfg.mask_truncated_completions:
             mask = mask & ~batch["truncated"][:, None]
         logps = logps_model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
         loss, metrics = grpo_loss(logps, logps.detach(), batch["advantages"], mask, ref_logps=batch.get("ref_logps"),
-                                  beta=cfg.beta, epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                                  beta=kl_beta, epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                                   importance_sampling=cfg.importance_sampling, loss_type=cfg.loss_type,
                                   max_completion_length=cfg.max_completion_length, num_items=num_items)
         scale = 1.0 if cfg.loss_type == "dapo" else 1.0 / len(window)  # dapo divides by the window's tokens
@@ -175,7 +176,7 @@ def grpo_step(accelerator, logps_model, cfg: GRPOConfig, window: list[dict], nam
                                 token_stats.double().to(accelerator.device) * mask.sum() * len(window) / num_items]))
     mean = accelerator.reduce(torch.stack(stats).mean(0), "mean").tolist()
     record = dict(zip(names + ["clip_low", "clip_high", "kl"], mean))
-    if cfg.beta == 0:
+    if kl_beta == 0:
         del record["kl"]
     loss = accelerator.reduce(totals, "mean").item()
     record.update(loss=loss, generate_share=record.pop("generate_s") / max(record.pop("rollout_s"), 1e-9))

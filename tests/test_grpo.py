@@ -113,3 +113,12 @@ def test_bad_input_fails_before_training_with_one_clear_error(tiny_dir, tmp_path
         proc = run_grpo(*args, "--output_dir", tmp_path / "out", "--answer_eval_dataset", "none", timeout=300)
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, \
             (args, proc.stderr[-2000:])
+
+
+def test_rloo_folds_the_kl_into_its_rewards(weak_sft, tmp_path):
+    """RLOO with beta > 0: the KL to the start model shapes the rewards (no KL loss term, so none logged)."""
+    args = [*small_run(weak_sft, tmp_path), "--advantage", "rloo", "--max_steps", "2", "--per_device_train_batch_size",
+            "16", "--output_dir", tmp_path / "rloo"]
+    proc = run_grpo(*args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert logged(tmp_path / "rloo", "reward") and not logged(tmp_path / "rloo", "kl")
