@@ -155,14 +155,13 @@ class Rollouts:
 def grpo_step(accelerator, logps_model, cfg: GRPOConfig, window: list[dict], names: list[str]) -> tuple[float, dict]:
     """The clipped policy loss over the window's completion tokens, one backward per micro-batch (rollouts are
     fresh, so the importance ratios are 1 and the loss's gradient is the policy gradient)."""
-    tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
-    num_items = accelerator.reduce(torch.tensor(float(tokens), device=accelerator.device), "sum") / accelerator.num_processes
+    masks = [(b["labels"][:, 1:] != IGNORE_INDEX) & ~(b["truncated"][:, None] & cfg.mask_truncated_completions)
+             for b in window]
+    tokens = torch.tensor(float(sum(int(m.sum()) for m in masks)), device=accelerator.device)
+    num_items = accelerator.reduce(tokens, "sum") / accelerator.num_processes
     totals, stats = torch.zeros((), device=accelerator.device), []
     kl_beta = cfg.beta if cfg.advantage == "grpo" else 0.0  # RLOO's KL is in its rewards, not a loss term
-    for batch in window:
-        mask = batch["labels"][:, 1:] != IGNORE_INDEX
-        if cfg.mask_truncated_completions:
-            mask = mask & ~batch["truncated"][:, None]
+    for batch, mask in zip(window, masks):
         logps = logps_model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
         loss, metrics = grpo_loss(logps, logps.detach(), batch["advantages"], mask, ref_logps=batch.get("ref_logps"),
                                   beta=kl_beta, epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high,

@@ -6,7 +6,7 @@ Usage (from anywhere; paths are resolved from this file):
 
 The task is "reverse a short list of 2-4 distinct words", e.g. the prompt
 ``Reverse the words: cat dog red`` has the answer ``red dog cat``. The words are line 4 of
-minift/tiny_corpus.txt (the tiny model's tokenizer corpus). Files written:
+minift/model/tiny_corpus.txt (the tiny model's tokenizer corpus). Files written:
 
 - demo_sft.jsonl        5000 SFT records, round-robin over alpaca (output / response / no input),
                          prompt/completion, question/answer, messages (plain, with a system turn,

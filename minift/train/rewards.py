@@ -16,6 +16,7 @@ must have: :meth:`Rewards.check_records` names the record (file:line) that lacks
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -107,13 +108,11 @@ class RewardModel:
 def load_reward(spec: str, *, max_completion_length: int | None = None) -> tuple[str, Callable]:
     """``(name, function)`` for a bundled name, a reward-model directory, or ``module:function``."""
     if spec in BUNDLED:
-        fn = BUNDLED[spec]
-        if fn is length_penalty:
-            if not max_completion_length:
-                raise ConfigError("the length_penalty reward needs max_completion_length (the recipe's max_new_tokens)")
-            return spec, _named(lambda *a, **k: length_penalty(*a, max_completion_length=max_completion_length, **k),
-                                spec, ("completion_ids",))
-        return spec, fn
+        if BUNDLED[spec] is not length_penalty:
+            return spec, BUNDLED[spec]
+        if not max_completion_length:
+            raise ConfigError("the length_penalty reward needs max_completion_length (the recipe's max_new_tokens)")
+        return spec, functools.partial(length_penalty, max_completion_length=max_completion_length)
     if Path(spec).is_dir():
         if not (Path(spec) / "config.json").is_file():
             raise ConfigError(f"reward {spec}: a directory must hold a sequence-classification model (config.json)")
@@ -141,23 +140,21 @@ def load_reward(spec: str, *, max_completion_length: int | None = None) -> tuple
     return attr, fn
 
 
-def _named(fn: Callable, name: str, needs: tuple[str, ...]) -> Callable:
-    fn.__name__, fn.minift_fields = name, needs
-    return fn
+def accepted_keywords(fn: Callable) -> set[str] | None:
+    """The keyword arguments ``fn`` takes; None when it takes ``**fields`` (every field is passed)."""
+    params = inspect.signature(fn).parameters
+    return None if any(p.kind is p.VAR_KEYWORD for p in params.values()) else set(params)
 
 
 def _check_signature(name: str, fn: Callable) -> None:
-    params = inspect.signature(fn).parameters
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    if not takes_any and not {"prompts", "completions"} <= set(params):
+    accepted = accepted_keywords(fn)
+    if accepted is not None and not {"prompts", "completions"} <= accepted:
         raise ConfigError(f"reward {name}{inspect.signature(fn)}: a reward is called as "
                          f"{name}(prompts=..., completions=..., **fields) and must accept prompts and completions")
 
 
 def required_fields(fn: Callable) -> tuple[str, ...]:
     """The record fields ``fn`` needs: parameters without a default beyond prompts / completions / completion_ids."""
-    if hasattr(fn, "minift_fields"):
-        return tuple(f for f in fn.minift_fields if f not in CALL_ARGS)
     return tuple(n for n, p in inspect.signature(fn).parameters.items()
                  if n not in CALL_ARGS and p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
@@ -177,6 +174,7 @@ class Rewards:
         if len(weights) != len(functions):
             raise ValueError(f"{len(weights)} reward weights for {len(functions)} rewards: give one weight per reward")
         self.functions, self.weights = functions, weights
+        self.accepted = {name: accepted_keywords(fn) for name, fn in functions}
 
     def check_records(self, records: list[Record]) -> None:
         """Every record has every field a reward needs, else a RecordError naming the record and the reward."""
@@ -196,10 +194,9 @@ class Rewards:
         return torch.tensor(total, dtype=torch.float32), values
 
     def _call(self, name, fn, prompts, completions, completion_ids, fields, group_size) -> list[float | None]:
-        params = inspect.signature(fn).parameters
-        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        accepted = self.accepted[name]
         offered = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **fields}
-        kwargs = {k: v for k, v in offered.items() if takes_any or k in params}
+        kwargs = {k: v for k, v in offered.items() if accepted is None or k in accepted}
 
         def where(k: int) -> str:
             return f"prompt {k // group_size} (completion {k % group_size})"
@@ -225,12 +222,13 @@ class Rewards:
 
     @staticmethod
     def metrics(total: torch.Tensor, values: dict[str, list[float | None]]) -> dict[str, float]:
+        """The total's mean and std, and each reward's over the completions it applied to (0 when none did): the
+        same keys on every call, so batches' metrics line up."""
         out = {"reward": total.mean().item(), "reward_std": total.std().item() if total.numel() > 1 else 0.0}
         for name, vs in values.items():
             got = torch.tensor([v for v in vs if v is not None])
-            if got.numel():
-                out[f"rewards/{name}/mean"] = got.mean().item()
-                out[f"rewards/{name}/std"] = got.std().item() if got.numel() > 1 else 0.0
+            out[f"rewards/{name}/mean"] = got.mean().item() if got.numel() else 0.0
+            out[f"rewards/{name}/std"] = got.std().item() if got.numel() > 1 else 0.0
         return out
 
 
