@@ -100,8 +100,8 @@ def test_no_mask_is_built_and_attention_runs_per_document(tiny_dir, monkeypatch)
     assert built and len(calls) == layers and all(n == 9 for n, _ in calls)
 
 
-def test_outside_flat_batches_it_is_sdpa_exactly(tiny_dir):
-    """Padded batches and cached generation give bit-identical results to sdpa."""
+def test_outside_flat_batches_it_is_sdpa(tiny_dir):
+    """Padded batches give bit-identical logits to sdpa; cached generation (single-query steps) the same tokens."""
     sdpa, ours = _model(tiny_dir, "sdpa"), _model(tiny_dir, "sdpa")
     use_document_attention(ours)
     padded = collate_padded(_docs([5, 9, 3]), pad_token_id=0)
@@ -160,3 +160,26 @@ def test_bad_flat_batches_fail_clearly(tiny_dir):
 def test_other_implementations_are_left_alone(tiny_dir):
     model = _model(tiny_dir, "eager")
     assert not use_document_attention(model) and model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_single_query_decoding_equals_sdpa(dtype, tol):
+    """A decoding step on the CPU (one query per row against cached keys) takes two matmuls instead of SDPA's
+    kernel: equal to SDPA with grouped KV heads, a left-padding bool mask and an additive mask."""
+    from minift.model.attention import document_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 8, 1, 16, generator=g).to(dtype)
+    k, v = (torch.randn(3, 2, 10, 16, generator=g).to(dtype) for _ in range(2))
+    keep = torch.ones(3, 1, 1, 10, dtype=torch.bool)
+    keep[0, ..., :4] = keep[2, ..., :1] = False  # left padding of rows 0 and 2
+    additive = torch.zeros(3, 1, 1, 10, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 4, True
+    for mask in (None, keep, additive):
+        ours, _ = document_attention_forward(module, q, k, v, mask, scaling=0.3)
+        ref = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(4, 1),
+                                             v.float().repeat_interleave(4, 1), attn_mask=mask if mask is None or
+                                             mask.dtype == torch.bool else mask.float(), scale=0.3)
+        assert ours.shape == (3, 1, 8, 16)
+        assert (ours.float() - ref.transpose(1, 2)).abs().max() < tol

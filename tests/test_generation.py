@@ -104,6 +104,20 @@ def test_sampling_is_deterministic_per_completion(gen):
     assert row_seed(7, 0) != row_seed(7, 1) and row_seed(1, 2, 3) == row_seed(1, 2, 3)
 
 
+def test_unfiltered_sampling_draws_from_the_softmax():
+    """Rows without top-k / top-p / min-p invert the CDF in vocabulary order (no sort): token frequencies over many
+    draws match softmax(logits / temperature), and a token of probability 0 is never drawn, even by a draw of 0."""
+    from minift.train.sampling import _draw_plain, _invert
+
+    logits = torch.tensor([[2.0, float("-inf"), 0.0, 1.0, -1.0]])
+    probs = (logits / 0.7).softmax(-1)[0]
+    draws = torch.rand(20000, 1, generator=torch.Generator().manual_seed(0))
+    picks = _draw_plain(logits.expand(20000, -1) / 0.7, [], draws)
+    freq = torch.bincount(picks, minlength=5).double() / len(picks)
+    assert (freq - probs.double()).abs().max() < 0.01 and freq[1] == 0
+    assert _invert(torch.tensor([[0.0, 0.0, 0.5, 1.0]]), torch.zeros(1, 1)).item() == 2
+
+
 def test_rows_of_different_lengths_leave_the_batch(gen):
     """A batch whose rows stop at different budgets equals each row generated alone."""
     budgets = [SamplingParams(max_new_tokens=k) for k in (3, 30, 11)]

@@ -115,15 +115,15 @@ class LoraLayer(nn.Module):
             if name in self.lora_magnitude_vector:
                 result = result + self._dora_delta(name, xa, result).to(out_dtype)
                 continue
-            # Scale the rank-r activations (r values per token, not out_features), and let one GEMM
-            # add B's product into the result: two fewer passes over the [tokens, out] output than
-            # `result + B(A(x)) * scale`.
-            h = a(xa) * self.scaling[name]
+            # One GEMM adds B's product, scaled, into the result: two fewer passes over the [tokens, out]
+            # output than `result + B(A(x)) * scale`, and no pass for the scale.
+            h = a(xa)
             if torch.is_autocast_enabled(h.device.type) or h.dtype == out_dtype:
-                flat = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), b.weight.t())
+                flat = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), b.weight.t(),
+                                   alpha=self.scaling[name])
                 result = flat.view(result.shape)
             else:
-                result = result + b(h).to(out_dtype)
+                result = result + b(h * self.scaling[name]).to(out_dtype)
         return result
 
     def _dora_delta(self, name: str, xa: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,9 @@ def document_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if cu_seq_lens_q is None and query.shape[2] == 1 and query.device.type == "cpu" and not dropout and \
+            all(kwargs.get(k) is None for k in ("s_aux", "softcap")):
+        return _single_query_attention(query, key, value, attention_mask, scaling)
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -67,6 +70,22 @@ def document_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
              for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))]
     out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+def _single_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float | None) -> tuple[torch.Tensor, None]:
+    """One decoding step (one query per row, keys from a KV cache) as two matmuls with float32 softmax: PyTorch's
+    CPU SDPA kernel tiles for long queries, and on a single one is ~7x slower in bf16 (32 rows x 8 heads x 256
+    keys: 2.8 ms against 0.37 ms). Grouped query heads share their KV head by a reshape, not a copy."""
+    batch, heads, _, dim = query.shape
+    groups = heads // key.shape[1]
+    q = query.view(batch, key.shape[1], groups, dim)  # (B, kv_heads, groups, D)
+    scores = (q @ key.transpose(-1, -2)).float() * (dim ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None:  # (B, 1, 1, keys): bool (True = attend) or additive
+        mask = attention_mask[:, :, -1:, -key.shape[2]:]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    out = scores.softmax(-1).to(value.dtype) @ value  # (B, kv_heads, groups, D)
+    return out.view(batch, 1, heads, dim), None
 
 
 def _mask(*args, **kwargs):
