@@ -1,8 +1,8 @@
 """The reference implementations minift is checked against: peft and trl, test-only dependencies (``.[test]``).
 
 Tests use them directly; the comparison sides of ``tools/bench.py`` (lora vs peft, sft vs trl's SFTTrainer,
-dpo vs trl's DPOTrainer) load them through this module, so that ``minift/``, ``recipes/`` and ``tools/``
-never import peft or trl themselves. Everything raises ImportError when the oracles are not installed.
+dpo vs trl's DPOTrainer, grpo vs trl's GRPOTrainer) load them through this module, so that ``minift/``,
+``recipes/`` and ``tools/`` never import peft or trl themselves. Everything raises ImportError when the oracles are not installed.
 """
 
 from __future__ import annotations
@@ -44,6 +44,13 @@ def trl_dpo():
     from trl import DPOConfig, DPOTrainer
 
     return DPOConfig, DPOTrainer
+
+
+def trl_grpo():
+    """trl's ``(GRPOConfig, GRPOTrainer)``."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    return GRPOConfig, GRPOTrainer
 
 
 def trl_version() -> str:

@@ -50,6 +50,12 @@ serve ``python tools/bench.py serve [--reps 2] [--singles 16] [--threads 2] [--p
       requests (prompt 64 tokens, 64 new) against the same requests one at a time (goal >= 3x aggregate new
       tokens/s), and a lone request's latency against calling ``Generator.generate`` directly (goal <= 1.10x);
       see ``tools/bench_serve.py``.
+grpo  ``python tools/bench.py grpo [--part rollout|step|all] [--steps 3] [--warmup 1] [--reps 2] [--threads 2]``
+      Model A with LoRA r16 all-linear, 4 prompts x 128 tokens, G = 8, 128 new tokens, temperature 1, each side in
+      fresh processes. ``rollout``: minift's sampling engine against ``model.generate`` on the same model (goal
+      >= 2.0x new tokens/s; ms per decode step of both). ``step``: recipes/grpo.py's whole step (generation,
+      log-probs, update) against trl's GRPOTrainer (use_vllm off, beta 0; goals <= 0.67x step time, peak RSS
+      growth <= trl's), with the share of each step spent generating; see ``tools/bench_grpo.py``.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_data  # noqa: E402  (sibling files: tools/ is not a package)
 import bench_dpo  # noqa: E402
 import bench_gguf  # noqa: E402
+import bench_grpo  # noqa: E402
 import bench_lora  # noqa: E402
 import bench_serve  # noqa: E402
 import bench_sft  # noqa: E402
@@ -74,7 +81,7 @@ import bench_sft  # noqa: E402
 
 # case name -> its module (tools/bench_<case>.py), with ``add_arguments(parser)`` and ``run(args) -> passed``
 CASES = {"lora": bench_lora, "data": bench_data, "sft": bench_sft, "dpo": bench_dpo, "gguf": bench_gguf,
-         "serve": bench_serve}
+         "serve": bench_serve, "grpo": bench_grpo}
 
 
 def machine_line() -> str:

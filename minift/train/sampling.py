@@ -120,8 +120,11 @@ def _pick(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
     top-k, top-p and min-p filtering, then one uniform draw from the row's generator through the CDF. Rows with
     no filter take the CDF in vocabulary order (no sort: a full-vocabulary sort per step costs more than the
     model's linear layers on a small model); the others in descending order, which the filters need."""
-    choice = logits.argmax(-1)
     sampled = [i for i, r in enumerate(rows) if r.params.temperature > 0]
+    if len(sampled) < len(rows):
+        choice = logits.argmax(-1)
+    else:
+        choice = logits.new_empty(len(rows), dtype=torch.long)
     if not sampled:
         return choice
     plain = [i for i in sampled if not _filters(rows[i].params)]
@@ -212,6 +215,7 @@ def _decode(model, tokenizer, prompts, params, n, on_text) -> list[Completion]:
         logprobs = logits.log_softmax(-1)
         tokens = _pick(logits, [rows[k] for k in alive])
         chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+        picked = tokens.tolist()
         k_top = max(rows[k].params.top_logprobs for k in alive)
         top = logprobs.topk(k_top, dim=-1) if k_top else None
         keep = []
@@ -220,7 +224,7 @@ def _decode(model, tokenizer, prompts, params, n, on_text) -> list[Completion]:
             if top is not None:
                 count = rows[k].params.top_logprobs
                 alts = list(zip(top.indices[slot, :count].tolist(), top.values[slot, :count].tolist()))
-            done = rows[k].add(int(tokens[slot]), chosen[slot], alts, tokenizer, stops, on_text is not None)
+            done = rows[k].add(picked[slot], chosen[slot], alts, tokenizer, stops, on_text is not None)
             if on_text is not None:
                 new = rows[k].unstreamed(done)
                 if new or done:
