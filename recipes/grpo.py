@@ -8,8 +8,9 @@
 Each step: draw prompts, sample ``num_generations`` completions of each with the current policy (one batched
 KV-cache call; completion j of prompt i seeded by (seed, its place in the run, j), so any number of processes
 draws the same rollouts), score them with the rewards, turn rewards into advantages (GRPO: group-centred,
-scaled by the group's std, the batch's or not at all; RLOO: leave-one-out), then the clipped policy loss on
-the completion tokens. The reference for ``beta > 0`` is the start model: the trainable adapter disabled.
+scaled by the group's std, the batch's or not at all; RLOO: leave-one-out), then ``num_iterations`` updates of
+the clipped policy loss on the completion tokens. ``--dynamic_sampling``: groups whose rewards are all equal
+are replaced by those of further prompts. The reference for ``beta > 0``: the trainable adapter disabled.
 ``per_device_train_batch_size`` counts completions and must divide by ``num_generations``.
 """
 
@@ -24,7 +25,6 @@ import torch
 from minift.config import DataSection, TrainConfig
 from minift.constants import IGNORE_INDEX
 from minift.data.formats import normalize_all
-from minift.data.packing import collate_padded
 from minift.data.read import load_records
 from minift.lora.layers import disable_adapters
 from minift.losses import (
@@ -36,7 +36,8 @@ from minift.losses import (
 )
 from minift.train.forward import TokenLogprobs
 from minift.train.rewards import Rewards, load_reward
-from minift.train.sampling import SamplingParams, sample
+from minift.train.rollouts import Rollouts
+from minift.train.sampling import SamplingParams
 from minift.train.stage import Stage, run_recipe
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -63,6 +64,11 @@ class GRPOConfig(DataSection, TrainConfig):
     beta: float = field(default=0.0, metadata={"help": "KL coefficient to the start model (0: no reference pass)"})
     mask_truncated_completions: bool = field(default=False, metadata={"help": "no loss on completions cut at "
                                                                               "max_completion_length"})
+    num_iterations: int = field(default=1, metadata={"help": "policy updates per rollout batch (mu); > 1 keeps the "
+                                                             "rollout policy's log-probs for the ratios"})
+    dynamic_sampling: bool = field(default=False, metadata={"help": "DAPO: drop groups whose rewards are all equal "
+                                                                    "and refill from the next prompts"})
+    max_refills: int = field(default=4, metadata={"help": "dynamic sampling: further draws per batch at most"})
     # The demo: from a weak SFT start (44% held-out exact match), 16 prompts x 8 completions a step over the 4,000
     # demo prompts, exact-match reward: 69% after 4,000 steps (about 4.5 minutes on 2 CPU cores). 10 epochs: 63%;
     # lr 2e-3: 58% after 6 epochs; lr 3e-4 barely moves in 2 epochs.
@@ -86,6 +92,10 @@ class GRPOConfig(DataSection, TrainConfig):
                   (self.max_completion_length >= 1 and self.temperature > 0, "max_completion_length must be >= 1 "
                                                                               "and temperature > 0"),
                   (self.epsilon >= 0 and self.beta >= 0, "epsilon and beta must be >= 0"),
+                  (self.num_iterations >= 1 and self.max_refills >= 0, "num_iterations must be >= 1, max_refills >= 0"),
+                  (self.num_iterations == 1 or self.save_steps % self.num_iterations == 0,
+                   f"save_steps ({self.save_steps}) must be a multiple of num_iterations ({self.num_iterations}): "
+                   f"a checkpoint inside a rollout batch's updates could not be resumed exactly"),
                   (self.beta == 0 or self.lora_r > 0, "beta > 0 compares with the start model, which a full "
                                                       "fine-tune (lora_r 0) does not keep: train an adapter")]
         for ok, message in checks:
@@ -110,51 +120,49 @@ def load_prompts(cfg: GRPOConfig, tokenizer, rewards: Rewards) -> tuple[list[dic
     return rows, {"prompts": len(rows), "dropped_too_long": too_long, "skipped_invalid": len(norm.skipped)}
 
 
-class Rollouts:
-    """``rollouts(prompts, seeds)``: G completions per prompt from the current policy, scored, laid out as one
-    padded batch with advantages (the stage's online micro-batch); ``names`` label its ``metrics`` tensor."""
+class GRPOBatches:
+    """``make(prompts, seeds, refill)``: the stage's online micro-batch: rollouts (minift.train.rollouts) with
+    advantages, the reference's log-probs when ``beta > 0``, the rollout policy's when ``num_iterations > 1``, and
+    the rollout metrics as one tensor (``names`` label it)."""
 
     def __init__(self, cfg: GRPOConfig, logps_model: TokenLogprobs, tokenizer, rewards: Rewards, adapter: str | None):
-        self.cfg, self.logps_model, self.model = cfg, logps_model, logps_model.model
-        self.tokenizer, self.rewards, self.adapter, self.names = tokenizer, rewards, adapter, []
+        params = SamplingParams(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                                top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p)
+        self.rollouts = Rollouts(logps_model.model, tokenizer, rewards, params, cfg.num_generations,
+                                 dynamic_sampling=cfg.dynamic_sampling, max_refills=cfg.max_refills)
+        self.cfg, self.logps_model, self.adapter, self.names, self.generating = cfg, logps_model, adapter, [], 0.0
 
     @torch.no_grad()
-    def __call__(self, prompts: list[dict], seeds: list[int]) -> dict:
-        cfg, G, start = self.cfg, self.cfg.num_generations, time.perf_counter()
-        params = [SamplingParams(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                                 top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p, seed=s) for s in seeds]
-        completions = sample(self.model, self.tokenizer, [p["input_ids"] for p in prompts], params, n=G)
-        generating = time.perf_counter() - start
-        owners = [prompts[k // G] for k in range(len(completions))]
-        fields = {key: [p["fields"].get(key) for p in owners] for key in prompts[0]["fields"]}
-        total, values = self.rewards([p["prompt"] for p in owners], [c.text for c in completions],
-                                     [c.token_ids for c in completions], fields, G)
-        batch = collate_padded([{"input_ids": c.prompt_ids + c.token_ids,
-                                 "labels": [IGNORE_INDEX] * len(c.prompt_ids) + c.token_ids} for c in completions],
-                               self.tokenizer.pad_token_id)
+    def __call__(self, prompts: list[dict], seeds: list[int], refill) -> dict:
+        cfg, G = self.cfg, self.cfg.num_generations
+        batch, metrics = self.rollouts(prompts, seeds, refill)
+        self.generating += metrics.pop("generate_s")  # the step's share is logged: see main
+        del metrics["rollout_s"]
+        total, _ = batch.pop("rewards"), batch.pop("sampler_logps")  # fresh rollouts: the policy is the sampler
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
         if cfg.beta > 0:  # the start model (trainable adapter off): the KL term, or folded into RLOO's rewards
-            with disable_adapters(self.model, [self.adapter]):
-                batch["ref_logps"] = self.logps_model(**batch)
+            with disable_adapters(self.logps_model.model, [self.adapter]):
+                batch["ref_logps"] = self.logps_model(**inputs)
+        if cfg.num_iterations > 1 or (cfg.advantage == "rloo" and cfg.beta > 0):
+            batch["old_logps"] = self.logps_model(**inputs)
         if cfg.advantage == "rloo":
             mask = batch["labels"][:, 1:] != IGNORE_INDEX
-            shaped = total if cfg.beta == 0 else rloo_rewards(total, self.logps_model(**batch), batch["ref_logps"],
-                                                              mask, beta=cfg.beta)
+            shaped = total if cfg.beta == 0 else rloo_rewards(total, batch["old_logps"], batch["ref_logps"], mask,
+                                                              beta=cfg.beta)
             batch["advantages"] = rloo_advantages(shaped, G)
         else:
             batch["advantages"] = group_advantages(total, G, scale=cfg.scale_rewards)
-        lengths = torch.tensor([float(len(c.token_ids)) for c in completions])
-        batch["truncated"] = torch.tensor([c.finish_reason == "length" for c in completions])
-        metrics = {**Rewards.metrics(total, values), "completion_length": lengths.mean().item(),
-                   "completion_length_max": lengths.max().item(), "truncated": batch["truncated"].float().mean().item(),
-                   "generate_s": generating, "rollout_s": time.perf_counter() - start}
+        if cfg.num_iterations == 1:
+            batch.pop("old_logps", None)  # the first pass's own log-probs serve (ratio 1), no extra forward kept
         self.names = list(metrics)
         batch["metrics"] = torch.tensor(list(metrics.values()), dtype=torch.float64)
         return batch
 
 
 def grpo_step(accelerator, logps_model, cfg: GRPOConfig, window: list[dict], names: list[str]) -> tuple[float, dict]:
-    """The clipped policy loss over the window's completion tokens, one backward per micro-batch (rollouts are
-    fresh, so the importance ratios are 1 and the loss's gradient is the policy gradient)."""
+    """The clipped policy loss over the window's completion tokens, one backward per micro-batch. The ratios are
+    to the rollout policy: 1 on a batch's first update (the loss's gradient is then the policy gradient), clipped
+    on the next ones when ``num_iterations > 1``."""
     masks = [(b["labels"][:, 1:] != IGNORE_INDEX) & ~(b["truncated"][:, None] & cfg.mask_truncated_completions)
              for b in window]
     tokens = torch.tensor(float(sum(int(m.sum()) for m in masks)), device=accelerator.device)
@@ -163,7 +171,8 @@ def grpo_step(accelerator, logps_model, cfg: GRPOConfig, window: list[dict], nam
     kl_beta = cfg.beta if cfg.advantage == "grpo" else 0.0  # RLOO's KL is in its rewards, not a loss term
     for batch, mask in zip(window, masks):
         logps = logps_model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
-        loss, metrics = grpo_loss(logps, logps.detach(), batch["advantages"], mask, ref_logps=batch.get("ref_logps"),
+        old = batch["old_logps"] if "old_logps" in batch else logps.detach()
+        loss, metrics = grpo_loss(logps, old, batch["advantages"], mask, ref_logps=batch.get("ref_logps"),
                                   beta=kl_beta, epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                                   importance_sampling=cfg.importance_sampling, loss_type=cfg.loss_type,
                                   max_completion_length=cfg.max_completion_length, num_items=num_items)
@@ -178,7 +187,7 @@ def grpo_step(accelerator, logps_model, cfg: GRPOConfig, window: list[dict], nam
     if kl_beta == 0:
         del record["kl"]
     loss = accelerator.reduce(totals, "mean").item()
-    record.update(loss=loss, generate_share=record.pop("generate_s") / max(record.pop("rollout_s"), 1e-9))
+    record["loss"] = loss
     return loss, record
 
 
@@ -190,13 +199,17 @@ def main(cfg: GRPOConfig) -> dict:
     prompts, data_report = load_prompts(cfg, tokenizer, rewards)  # data errors before weights load
     model = stage.load_model()
     logps_model = TokenLogprobs(model)
-    make = Rollouts(cfg, logps_model, tokenizer, rewards, stage.adapter_name)
-    batches = stage.online_batches(prompts, make, per_device=cfg.per_device_train_batch_size // cfg.num_generations)
+    make = GRPOBatches(cfg, logps_model, tokenizer, rewards, stage.adapter_name)
+    batches = stage.online_batches(prompts, make, per_device=cfg.per_device_train_batch_size // cfg.num_generations,
+                                   repeats=cfg.num_iterations)
     logps_model = stage.prepare(logps_model, batches)
     stage.resume()
     per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
-    for window in stage.steps():
+    clock = time.perf_counter()
+    for window in stage.steps():  # (the window's rollouts are made as stage.steps() yields it)
         loss, record = grpo_step(accelerator, logps_model, cfg, window, make.names)
+        record["generate_share"], make.generating = make.generating / (time.perf_counter() - clock), 0.0
+        clock = time.perf_counter()
         stage.update(loss, record, units=per_step)
     return stage.finish(data=data_report)
 

@@ -83,9 +83,12 @@ def test_two_processes_draw_the_same_rollouts_as_one(weak_sft, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_equals_the_uninterrupted_run(weak_sft, tmp_path):
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_resume_after_sigkill_equals_the_uninterrupted_run(weak_sft, tmp_path, iterations):
+    """Killed after checkpoint-4 and resumed, the run ends with the uninterrupted run's adapter; with two updates
+    per rollout batch too (checkpoints fall where a batch is made)."""
     args = [*small_run(weak_sft, tmp_path), "--per_device_train_batch_size", "16", "--save_steps", "2",
-            "--max_steps", "8"]
+            "--max_steps", "8", "--num_iterations", iterations]
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     assert run_grpo(*args, "--output_dir", whole).returncode == 0
     victim = subprocess.Popen([sys.executable, str(GRPO), *map(str, args), "--output_dir", str(killed)], cwd=ROOT,
@@ -108,7 +111,8 @@ def test_bad_input_fails_before_training_with_one_clear_error(tiny_dir, tmp_path
              (["--reward", "no_such_module_xyz:f"], "cannot import no_such_module_xyz"),
              (["--reward", f"{tmp_path / 'bad_reward.py'}:nan", "--max_steps", "1"],
               "reward nan returned nan at prompt 0 (completion 0)"),
-             (["--beta", "0.1", "--lora_r", "0"], "beta > 0 compares with the start model")]
+             (["--beta", "0.1", "--lora_r", "0"], "beta > 0 compares with the start model"),
+             (["--num_iterations", "2", "--save_steps", "3"], "save_steps (3) must be a multiple of num_iterations (2)")]
     for args, message in cases:
         proc = run_grpo(*args, "--output_dir", tmp_path / "out", "--answer_eval_dataset", "none", timeout=300)
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, \
@@ -122,3 +126,21 @@ def test_rloo_folds_the_kl_into_its_rewards(weak_sft, tmp_path):
     proc = run_grpo(*args, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert logged(tmp_path / "rloo", "reward") and not logged(tmp_path / "rloo", "kl")
+
+
+def test_num_iterations_and_dynamic_sampling(weak_sft, tmp_path):
+    """num_iterations 2: each rollout batch serves two updates (the same rewards logged twice), the second with
+    ratios to the rollout policy (its loss differs); dynamic sampling logs the informative share and refills."""
+    out = tmp_path / "mu2"
+    args = [*small_run(weak_sft, tmp_path), "--max_steps", "4", "--per_device_train_batch_size", "16",
+            "--num_iterations", "2", "--dynamic_sampling", "--output_dir", out]
+    proc = run_grpo(*args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rollout = {s: (r, logged(out, "reward_std")[s], logged(out, "completion_length")[s])
+               for s, r in logged(out, "reward").items()}
+    assert rollout[1] == rollout[2] and rollout[3] == rollout[4] and rollout[2] != rollout[3], rollout
+    loss = logged(out)
+    assert loss[1] != loss[2], loss
+    informative, refills = logged(out, "informative_groups"), logged(out, "refills")
+    assert set(informative) == {1, 2, 3, 4} and all(0 <= v <= 1 for v in informative.values())
+    assert all(v >= 0 for v in refills.values()) and 0 < logged(out, "generate_share")[1] < 1

@@ -113,7 +113,7 @@ def test_online_batches_seed_each_sequence_by_its_global_position():
     for 1 x 4 and 2 x 2 processes, different at every position and for another seed."""
     from minift.train.batches import OnlineBatches
 
-    def make(prompts, seeds):
+    def make(prompts, seeds, refill):
         return {"prompts": prompts, "seeds": seeds}
 
     one = OnlineBatches(list(range(16)), 4, 1, 0, 7, make)
@@ -127,6 +127,29 @@ def test_online_batches_seed_each_sequence_by_its_global_position():
         seen += a["seeds"]
     assert len(set(seen)) == len(seen) == 32
     assert OnlineBatches(list(range(16)), 4, 1, 0, 8, make).micro_batch(0)["seeds"] != one.micro_batch(0)["seeds"]
+
+
+def test_online_batches_refill_and_repeat_windows():
+    """refill(attempt) draws the prompts of the attempt-th next micro-batch with seeds of its own; with repeats 2
+    each window of accumulated micro-batches is made once and serves two steps (an epoch has twice the steps)."""
+    from minift.train.batches import OnlineBatches
+
+    made = []
+
+    def make(prompts, seeds, refill):
+        made.append(prompts)
+        return {"prompts": prompts, "seeds": seeds, "more": refill(1)}
+
+    plain = OnlineBatches(list(range(16)), 4, 1, 0, 7, make)
+    first, second = plain.micro_batch(0), plain.micro_batch(1)
+    assert first["more"][0] == second["prompts"] and set(first["more"][1]).isdisjoint(second["seeds"] + first["seeds"])
+    made.clear()
+    twice = OnlineBatches(list(range(16)), 2, 1, 0, 7, make, accumulation=2, repeats=2)
+    assert twice.per_epoch == 2 * plain.per_epoch * 2
+    steps = [[twice.micro_batch(m) for m in range(step * 2, step * 2 + 2)] for step in range(4)]
+    assert steps[0][0] is steps[1][0] and steps[0][1] is steps[1][1] and steps[2][0] is steps[3][0]
+    assert steps[2][0]["prompts"] == twice.prompts.micro_batch(2)
+    assert len(made) == 4  # two windows of two micro-batches
 
 
 # ----------------------------------------------------------------------------- metrics and checkpoints

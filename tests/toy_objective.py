@@ -33,7 +33,7 @@ def main(cfg: ToyConfig) -> dict:
     accelerator, vocab = stage.accelerator, len(stage.load_tokenizer())
     model = stage.load_model()
 
-    def make_batch(prompts: list, seeds: list[int]) -> dict:
+    def make_batch(prompts: list, seeds: list[int], refill) -> dict:
         starts = [int(torch.randint(3, vocab, (), generator=torch.Generator().manual_seed(s))) for s in seeds]
         ids = torch.stack([(s + torch.arange(cfg.seq_len)) % (vocab - 3) + 3 for s in starts])
         return {"input_ids": ids, "labels": ids.clone()}

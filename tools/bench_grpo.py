@@ -8,7 +8,7 @@ temperature 1 and no top-k / top-p / min-p, fixed seeds, 2 torch threads, every 
   completions) against ``model.generate(num_return_sequences=8)`` on the same model object and prompts, both
   called as the recipes call them (no autocast). New tokens/s over whole calls (goal >= 2.0x), and ms per
   decode step: (a 128-token call - a 1-token call) / 127.
-- ``step``: recipes/grpo.py's step (its ``Rollouts`` and ``grpo_step``, then clipping and AdamW as the stage
+- ``step``: recipes/grpo.py's step (its ``GRPOBatches`` and ``grpo_step``, then clipping and AdamW as the stage
   does them) against trl's GRPOTrainer (``use_vllm`` off, beta 0, one generation per step, gradient
   checkpointing off, bf16 as minift). Wall time per step (goal <= 0.67x) and peak-RSS growth over the steps
   (goal <= trl's), with the share of each step spent generating.
@@ -108,20 +108,21 @@ def worker_step(role: str, args: argparse.Namespace) -> dict:
         model = minift_sft_model(SFT_MODEL)
         accelerator, logps_model = bench_accelerator(), TokenLogprobs(model)
         params = [p for p in model.parameters() if p.requires_grad]
-        rollouts = grpo.Rollouts(cfg, logps_model, tokenizer, Rewards([("crc", crc_reward)]), "default")
+        make = grpo.GRPOBatches(cfg, logps_model, tokenizer, Rewards([("crc", crc_reward)]), "default")
         prepared, optimizer = accelerator.prepare(logps_model, torch.optim.AdamW(params, lr=SFT_LR, weight_decay=0.0))
         before = reset_peak_rss()
         ends.append(time.perf_counter())
         for step in range(steps):
             prompts = [{"input_ids": ids, "prompt": "", "fields": {}} for ids in prompt_ids(step)]
-            batch = rollouts(prompts, [step * PROMPTS + i for i in range(PROMPTS)])
-            gen_times.append(batch["metrics"][rollouts.names.index("generate_s")].item())
-            grpo.grpo_step(accelerator, prepared, cfg, [batch], rollouts.names)
+            batch = make(prompts, [step * PROMPTS + i for i in range(PROMPTS)], None)
+            gen_times.append(make.generating)
+            make.generating = 0.0
+            grpo.grpo_step(accelerator, prepared, cfg, [batch], make.names)
             accelerator.clip_grad_norm_(params, SFT_MAX_GRAD_NORM)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             ends.append(time.perf_counter())
-        info = "recipes/grpo.py Rollouts + grpo_step, clip 1.0, AdamW"
+        info = "recipes/grpo.py GRPOBatches + grpo_step, clip 1.0, AdamW"
     else:
         import shutil
         import tempfile

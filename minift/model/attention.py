@@ -8,9 +8,10 @@ variable-length kernel. Passed to the model's forward, they reach every attentio
 
 ``"minift_sdpa"`` is the same for PyTorch's SDPA on any device: one ``is_causal`` SDPA call per
 document, so no ``[seq, seq]`` mask is ever built and attention costs the sum of the documents'
-squared lengths instead of the row's. Without ``cu_seq_lens_q`` (generation, padded batches) it *is*
-transformers' ``sdpa``, masks included. :func:`use_document_attention` switches a model loaded with
-``sdpa`` to it.
+squared lengths instead of the row's. Without ``cu_seq_lens_q`` (generation, padded batches) it is
+transformers' ``sdpa``, masks included, except that a decoding step on the CPU (one query per row) takes two
+matmuls instead of SDPA's kernel, which is slow there. :func:`use_document_attention` switches a model
+loaded with ``sdpa`` to it.
 
 Under the other implementations a flat batch is still correct, only slower: ``sdpa`` and ``eager`` build
 a block-diagonal mask from the restarting ``position_ids`` (the whole row's ``[seq, seq]``).
@@ -105,7 +106,8 @@ def register() -> None:
 
 
 def use_document_attention(model: nn.Module) -> bool:
-    """Switch a model that uses ``sdpa`` to ``minift_sdpa`` (identical except on flat packed batches).
+    """Switch a model that uses ``sdpa`` to ``minift_sdpa`` (the same except on flat packed batches and in CPU
+    decoding steps).
 
     Returns whether the model now uses it; other implementations (eager, flash_attention_2, ...) are
     left alone: flash_attention_2 reads the same boundaries natively."""

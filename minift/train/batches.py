@@ -35,19 +35,38 @@ class ShardedBatches:
 
 class OnlineBatches:
     """Training data made during training, e.g. rollouts: each micro-batch's prompts are drawn as
-    :class:`ShardedBatches` draws rows, and ``make_batch(prompts, seeds)`` turns them into a model batch.
+    :class:`ShardedBatches` draws rows, and ``make_batch(prompts, seeds, refill)`` turns them into a model batch.
     ``seeds[k]`` depends only on the seed and prompt k's global position in the run, so a sampler seeded
-    with it gives the same batch for any number of processes and after a resume."""
+    with it gives the same batch for any number of processes and after a resume. ``refill(attempt)`` gives
+    further ``(prompts, seeds)`` for a batch that wants more (dynamic sampling): the prompts of the
+    ``attempt``-th following micro-batch, which still come in their own turn, then with other seeds.
 
-    def __init__(self, prompts: list, per_device: int, num_processes: int, rank: int, seed: int, make_batch):
+    ``repeats`` > 1 (GRPO's ``num_iterations``): each window of ``accumulation`` micro-batches is made once and
+    serves ``repeats`` optimizer steps in a row, so an epoch has ``repeats`` times as many steps. A resume
+    restarts at a step where a window is made (the recipe checkpoints only there), so it is exact."""
+
+    def __init__(self, prompts: list, per_device: int, num_processes: int, rank: int, seed: int, make_batch, *,
+                 accumulation: int = 1, repeats: int = 1):
         self.prompts = ShardedBatches(prompts, per_device, num_processes, rank, seed, collate=list)
-        self.per_epoch, self.seed, self.make_batch = self.prompts.per_epoch, seed, make_batch
+        self.per_epoch, self.seed, self.make_batch = self.prompts.per_epoch * repeats, seed, make_batch
+        self.accumulation, self.repeats, self._made = accumulation, repeats, {}
 
-    def micro_batch(self, index: int) -> dict:
+    def draw(self, index: int, attempt: int = 0) -> tuple[list, list[int]]:
+        """Micro-batch ``index + attempt``'s prompts and their seeds (salted by ``attempt``)."""
+        index += attempt
         prompts = self.prompts.micro_batch(index)
         first = index * self.prompts.global_batch + self.prompts.rank * self.prompts.per_device
-        seeds = [(self.seed * 1_000_003 + first + k) % 2**62 for k in range(len(prompts))]
-        return self.make_batch(prompts, seeds)
+        return prompts, [(self.seed * 1_000_003 + first + k + attempt * 2**48) % 2**62 for k in range(len(prompts))]
+
+    def micro_batch(self, index: int) -> dict:
+        window, offset = divmod(index, self.accumulation)
+        source = window // self.repeats * self.accumulation + offset  # the micro-batch whose prompts serve here
+        if source not in self._made:
+            if self.repeats == 1:
+                return self.make_batch(*self.draw(source), lambda attempt: self.draw(source, attempt))
+            self._made = {k: v for k, v in self._made.items() if k // self.accumulation == source // self.accumulation}
+            self._made[source] = self.make_batch(*self.draw(source), lambda attempt: self.draw(source, attempt))
+        return self._made[source]
 
 
 def check_enough_rows(n_rows: int, cfg: TrainConfig, num_processes: int, what: str, per_device: int | None = None) -> None:

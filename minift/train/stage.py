@@ -158,14 +158,16 @@ class Stage:
         return ShardedBatches(rows, self.cfg.per_device_train_batch_size, self.accelerator.num_processes,
                               self.accelerator.process_index, self.cfg.seed, collate)
 
-    def online_batches(self, prompts: list, make_batch, *, what: str = "prompts",
-                       per_device: int | None = None) -> OnlineBatches:
+    def online_batches(self, prompts: list, make_batch, *, what: str = "prompts", per_device: int | None = None,
+                       repeats: int = 1) -> OnlineBatches:
         """Micro-batches made during training from ``prompts`` (see :class:`~minift.train.batches.OnlineBatches`),
-        ``per_device`` prompts each (default ``per_device_train_batch_size``)."""
+        ``per_device`` prompts each (default ``per_device_train_batch_size``), each window used for ``repeats``
+        optimizer steps."""
         per_device = per_device or self.cfg.per_device_train_batch_size
         check_enough_rows(len(prompts), self.cfg, self.accelerator.num_processes, what, per_device)
         return OnlineBatches(prompts, per_device, self.accelerator.num_processes, self.accelerator.process_index,
-                             self.cfg.seed, make_batch)
+                             self.cfg.seed, make_batch, accumulation=self.cfg.gradient_accumulation_steps,
+                             repeats=repeats)
 
     @property
     def adapter_name(self) -> str | None:

@@ -1,0 +1,116 @@
+"""Rollouts for online recipes: G sampled completions per prompt from the current policy, scored by the rewards,
+laid out as one padded batch (prompt tokens labelled IGNORE_INDEX, completion tokens as labels).
+
+With dynamic sampling (DAPO, Yu et al. 2025, 2503.14476), groups whose rewards are all equal (zero advantage:
+they teach nothing) are dropped and the batch is refilled with informative groups of further prompts; after
+``max_refills`` draws it is topped up with dropped groups, so every micro-batch keeps its shape.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+
+from minift.constants import IGNORE_INDEX
+from minift.data.packing import collate_padded
+from minift.losses import informative_groups
+from minift.train.rewards import Rewards
+from minift.train.sampling import Completion, SamplingParams, sample
+
+# refill(attempt) -> (prompts, seeds) of the attempt-th further draw (attempt = 1, 2, ...)
+Refill = Callable[[int], tuple[list[dict], list[int]]]
+
+
+@dataclass
+class _Scored:
+    """Completions (prompt-major, ``G`` per prompt) with their prompts' records and rewards."""
+
+    completions: list[Completion]
+    owners: list[dict]
+    total: torch.Tensor
+    values: dict[str, list[float | None]]
+
+    def groups(self, keep: torch.Tensor, G: int) -> _Scored:
+        """The groups where ``keep`` (``(groups,)`` bool) is True, in order."""
+        rows = [k for k in range(len(self.completions)) if keep[k // G]]
+        return _Scored([self.completions[k] for k in rows], [self.owners[k] for k in rows], self.total[rows],
+                       {name: [v[k] for k in rows] for name, v in self.values.items()})
+
+    def __add__(self, other: _Scored) -> _Scored:
+        return _Scored(self.completions + other.completions, self.owners + other.owners,
+                       torch.cat([self.total, other.total]),
+                       {name: v + other.values[name] for name, v in self.values.items()})
+
+
+class Rollouts:
+    """``rollouts(prompts, seeds, refill)`` -> ``(batch, metrics)``.
+
+    ``prompts``: records with ``input_ids`` (the rendered prompt), ``prompt`` (what rewards see) and ``fields``
+    (record fields rewards may ask for); ``seeds[i]`` seeds prompt i's completions (completion j draws from
+    ``row_seed(seeds[i], j)``). ``batch``: ``input_ids``, ``attention_mask``, ``labels``, ``sampler_logps`` (the
+    sampler's log-probs of the completion tokens at temperature 1, ``(B, T - 1)`` as
+    :class:`~minift.train.forward.TokenLogprobs` lays them out), ``rewards`` (the weighted total, ``(B,)``) and
+    ``truncated`` (completions cut at ``max_new_tokens``). ``metrics``: each reward's mean and
+    std, completion length mean and max, the share truncated, seconds sampling (``generate_s``) and in all
+    (``rollout_s``: sampling and rewards), sampled tokens/s; with dynamic sampling also the first draw's share
+    of informative groups and the refills made.
+    """
+
+    def __init__(self, model, tokenizer, rewards: Rewards, params: SamplingParams, group_size: int, *,
+                 dynamic_sampling: bool = False, max_refills: int = 4):
+        self.model, self.tokenizer, self.rewards, self.params, self.G = model, tokenizer, rewards, params, group_size
+        self.dynamic_sampling, self.max_refills = dynamic_sampling, max_refills
+        self.sampling_s = 0.0  # seconds in the sampler, all calls
+
+    def draw(self, prompts: list[dict], seeds: list[int]) -> _Scored:
+        """G completions of each prompt, scored."""
+        params = [replace(self.params, seed=s) for s in seeds]
+        start = time.perf_counter()
+        completions = sample(self.model, self.tokenizer, [p["input_ids"] for p in prompts], params, n=self.G)
+        self.sampling_s += time.perf_counter() - start
+        owners = [prompts[k // self.G] for k in range(len(completions))]
+        fields = {key: [p["fields"].get(key) for p in owners] for key in prompts[0]["fields"]}
+        total, values = self.rewards([p["prompt"] for p in owners], [c.text for c in completions],
+                                     [c.token_ids for c in completions], fields, self.G)
+        return _Scored(completions, owners, total, values)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[dict], seeds: list[int], refill: Refill | None = None) -> tuple[dict, dict]:
+        start, sampled_before = time.perf_counter(), self.sampling_s
+        scored = self.draw(prompts, seeds)
+        extra = {}
+        if self.dynamic_sampling:
+            scored, extra = self._fill(scored, len(prompts), refill)
+        generating = self.sampling_s - sampled_before
+        completions = scored.completions
+        batch = collate_padded([{"input_ids": c.prompt_ids + c.token_ids,
+                                 "labels": [IGNORE_INDEX] * len(c.prompt_ids) + c.token_ids} for c in completions],
+                               self.tokenizer.pad_token_id)
+        lengths = torch.tensor([float(len(c.token_ids)) for c in completions])
+        labelled = batch["labels"][:, 1:] != IGNORE_INDEX  # TokenLogprobs' layout: position t scores token t + 1
+        sampled = torch.tensor([lp for c in completions for lp in c.logprobs], dtype=torch.float32)
+        batch["sampler_logps"] = torch.zeros(labelled.shape).masked_scatter(labelled, sampled)
+        batch["rewards"] = scored.total
+        batch["truncated"] = torch.tensor([c.finish_reason == "length" for c in completions])
+        metrics = {**Rewards.metrics(scored.total, scored.values), "completion_length": lengths.mean().item(),
+                   "completion_length_max": lengths.max().item(), "truncated": batch["truncated"].float().mean().item(),
+                   **extra, "sampled_tokens_per_s": lengths.sum().item() / max(generating, 1e-9),
+                   "generate_s": generating, "rollout_s": time.perf_counter() - start}
+        return batch, metrics
+
+    def _fill(self, scored: _Scored, groups: int, refill: Refill | None) -> tuple[_Scored, dict]:
+        """Keep the informative groups; refill from further prompts; top up with dropped groups if still short."""
+        G = self.G
+        informative = informative_groups(scored.total, G)
+        kept, attempt = scored.groups(informative, G), 0
+        while len(kept.completions) < groups * G and refill is not None and attempt < self.max_refills:
+            attempt += 1
+            more = self.draw(*refill(attempt))
+            kept = kept + more.groups(informative_groups(more.total, G), G)
+        if len(kept.completions) < groups * G:  # zero-advantage groups: no gradient, but the batch keeps its shape
+            kept = kept + scored.groups(~informative, G)
+        keep = torch.arange(len(kept.completions) // G) < groups
+        return kept.groups(keep, G), {"informative_groups": informative.float().mean().item(), "refills": attempt}
