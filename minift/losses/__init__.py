@@ -5,6 +5,8 @@
 - ``preference``: DPO and its variants (IPO, hinge, robust, EXO, NCA, BCO, SPPO, APO), SimPO, CPO, ORPO, KTO
 - ``policy``: online RL from sampled groups: GRPO / Dr. GRPO / RLOO advantages, KL estimators, the clipped
   GRPO surrogate (DAPO clip-higher, GSPO sequence ratios; grpo / bnpo / dr_grpo / dapo aggregation)
+- ``ppo``: PPO with a value function: KL-penalized per-token rewards, GAE, whitening, clipped policy and value
+  losses, the adaptive KL controller
 """
 
 from minift.losses.lm_head import (
@@ -21,6 +23,15 @@ from minift.losses.policy import (
     rloo_advantages,
     rloo_rewards,
 )
+from minift.losses.ppo import (
+    AdaptiveKLController,
+    gae_advantages,
+    kl_penalized_rewards,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
 from minift.losses.preference import (
     DPO_LOSS_TYPES,
     cpo_loss,
@@ -33,4 +44,5 @@ from minift.losses.preference import (
 __all__ = ["chunked_cross_entropy", "token_logprobs", "completion_logprobs",
            "DPO_LOSS_TYPES", "dpo_loss", "simpo_loss", "cpo_loss", "orpo_loss", "kto_loss",
            "GRPO_LOSS_TYPES", "group_advantages", "rloo_advantages", "informative_groups", "kl_per_token",
-           "rloo_rewards", "grpo_loss"]
+           "rloo_rewards", "grpo_loss", "kl_penalized_rewards", "gae_advantages", "masked_mean", "masked_whiten",
+           "ppo_policy_loss", "ppo_value_loss", "AdaptiveKLController"]
