@@ -431,4 +431,4 @@ class DataSection:
         check_paths(self, ("dataset_name_or_path", "eval_dataset", "answer_eval_dataset"), ("chat_template",))
         if self.answer_eval_dataset == "auto":
             demo = self.DEMO_DATA is not None and Path(self.dataset_name_or_path).resolve() == self.DEMO_DATA
-            self.answer_eval_dataset = str(self.DEMO_EVAL) if demo else None
+            self.answer_eval_dataset = str(self.DEMO_EVAL) if demo and self.DEMO_EVAL else None

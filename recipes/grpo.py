@@ -54,7 +54,8 @@ class GRPOConfig(DataSection, TrainConfig):
     reward: list[str] = field(default_factory=lambda: ["exact_match"], metadata={
         "help": "rewards: exact_match, partial_credit, think_format, length_penalty, module:function, "
                 "file.py:function or a reward-model directory; comma-separated for several"})
-    reward_weights: list[float] | None = field(default=None, metadata={"help": "one weight per reward (default 1)"})
+    reward_weights: list[float] | None = field(default=None, metadata={
+        "help": "one weight per reward, comma-separated (none given: 1 each)"})
     advantage: str = field(default="grpo", metadata={"help": "grpo (group-normalized) or rloo (leave-one-out)"})
     scale_rewards: str = field(default="group", metadata={"help": "grpo advantages / std of: group, batch, none"})
     loss_type: str = field(default="dapo", metadata={"help": "aggregation: grpo, bnpo, dr_grpo, dapo"})

@@ -17,7 +17,8 @@ RECIPES = ROOT / "recipes"
 
 
 @pytest.mark.parametrize("recipe,config", [("sft", "SFTConfig"), ("dpo", "DPOConfig"), ("kto", "KTOConfig"),
-                                           ("sft_dpo", "ChainConfig")])
+                                           ("sft_dpo", "ChainConfig"), ("grpo", "GRPOConfig"),
+                                           ("reward_model", "RewardConfig")])
 def test_every_recipe_option_has_a_help_text_and_one_default(recipe, config, monkeypatch, capsys):
     """Each flag of ``--help`` says what it is and states its default once, as a value (never "(computed)")."""
     from minift.config import parse_config

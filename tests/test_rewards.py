@@ -16,6 +16,7 @@ from minift.train.rewards import (
     length_penalty,
     load_reward,
     partial_credit,
+    reward_text,
     think_format,
 )
 
@@ -114,7 +115,7 @@ def test_a_reward_model_directory_scores_the_last_token(tiny_dir, tmp_path):
     scores = rm(prompts, completions)
     model = LlamaForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
     for p, c, score in zip(prompts, completions, scores):  # one text alone: no padding; the score at its last token
-        ids = tokenizer(rm.text(p, c), return_tensors="pt", add_special_tokens=False)["input_ids"]
+        ids = tokenizer(reward_text(tokenizer, p, c), return_tensors="pt", add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             hidden = model.model(input_ids=ids).last_hidden_state
         assert score == pytest.approx(model.score(hidden[0, -1]).item(), abs=1e-5)

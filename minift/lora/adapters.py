@@ -96,10 +96,11 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) ->
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def _peft_config_json(config: LoraConfig, targets: list[str], base: str | None, minift_block: dict) -> dict:
+def _peft_config_json(config: LoraConfig, targets: list[str], base: str | None, minift_block: dict,
+                      task_type: str) -> dict:
     return {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": task_type,
         "base_model_name_or_path": base,
         "r": config.r,
         "lora_alpha": config.lora_alpha,
@@ -117,6 +118,11 @@ def _peft_config_json(config: LoraConfig, targets: list[str], base: str | None, 
         "inference_mode": True,
         "minift": minift_block,
     }
+
+
+def task_type(model: nn.Module) -> str:
+    """peft's ``task_type`` of a model: ``SEQ_CLS`` for a sequence-classification head, else ``CAUSAL_LM``."""
+    return "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
 
 
 def save_adapter(
@@ -146,7 +152,8 @@ def save_adapter(
     with atomic_directory(out_dir) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(
-            json.dumps(_peft_config_json(config, targets, base_model_name_or_path, block), indent=2) + "\n"
+            json.dumps(_peft_config_json(config, targets, base_model_name_or_path, block, task_type(model)), indent=2)
+            + "\n"
         )
     return Path(out_dir)
 

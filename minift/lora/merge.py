@@ -75,9 +75,19 @@ def combine_adapters(adapter_dirs: list[str | Path], out_dir: str | Path, *, sta
     }
     with atomic_directory(out_dir) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        body = _peft_config_json(config, sorted(ranks), configs[0].get("base_model_name_or_path"), block)
+        body = _peft_config_json(config, sorted(ranks), configs[0].get("base_model_name_or_path"), block,
+                                 configs[-1].get("task_type", "CAUSAL_LM"))
         (tmp / CONFIG_NAME).write_text(json.dumps(body, indent=2) + "\n")
     return Path(out_dir)
+
+
+def _task_type(adapter_dir: str | Path) -> str | None:
+    """An adapter's ``task_type``, or None where its config is missing or unreadable (load_adapter then says why)."""
+    try:
+        config = json.loads((Path(adapter_dir) / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("task_type") if isinstance(config, dict) else None
 
 
 def merge_and_save(
@@ -90,12 +100,15 @@ def merge_and_save(
 ) -> Path:
     """Load the full-precision base, apply and merge the adapters in order, write a plain HF model dir.
 
-    The result (sharded safetensors + tokenizer) loads with ``AutoModelForCausalLM`` alone.
-    Adapters trained on a 4-bit base merge here into the unquantized base, which is exact.
+    The result (sharded safetensors + tokenizer) loads with ``AutoModelForCausalLM`` alone, or with
+    ``AutoModelForSequenceClassification`` when the last adapter is a reward model's (``task_type`` SEQ_CLS, its
+    head among ``modules_to_save``). Adapters trained on a 4-bit base merge here into the unquantized base,
+    which is exact.
     """
     from minift.model.load import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(base_model_name_or_path, dtype=dtype)
+    task = "seq_cls" if adapter_dirs and _task_type(adapter_dirs[-1]) == "SEQ_CLS" else "causal_lm"
+    model, tokenizer = load_model_and_tokenizer(base_model_name_or_path, dtype=dtype, task=task)
     for i, adapter_dir in enumerate(adapter_dirs):
         load_adapter(model, adapter_dir, adapter_name=f"stage{i}")
     merge_lora(model)

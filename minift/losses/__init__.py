@@ -2,7 +2,8 @@
 
 - ``lm_head``: cross-entropy and token log-probs through the LM head, chunked so ``(N, V)`` logits never exist;
   summed / mean completion log-probs from logits without a float32 ``(B, T, V)`` copy
-- ``preference``: DPO and its variants (IPO, hinge, robust, EXO, NCA, BCO, SPPO, APO), SimPO, CPO, ORPO, KTO
+- ``preference``: DPO and its variants (IPO, hinge, robust, EXO, NCA, BCO, SPPO, APO), SimPO, CPO, ORPO, KTO;
+  the Bradley-Terry reward-model loss
 - ``policy``: online RL from sampled groups: GRPO / Dr. GRPO / RLOO advantages, KL estimators, the clipped
   GRPO surrogate (DAPO clip-higher, GSPO sequence ratios; grpo / bnpo / dr_grpo / dapo aggregation)
 - ``ppo``: PPO with a value function: KL-penalized per-token rewards, GAE, whitening, clipped policy and value
@@ -38,11 +39,12 @@ from minift.losses.preference import (
     dpo_loss,
     kto_loss,
     orpo_loss,
+    reward_model_loss,
     simpo_loss,
 )
 
 __all__ = ["chunked_cross_entropy", "token_logprobs", "completion_logprobs",
-           "DPO_LOSS_TYPES", "dpo_loss", "simpo_loss", "cpo_loss", "orpo_loss", "kto_loss",
+           "DPO_LOSS_TYPES", "dpo_loss", "simpo_loss", "cpo_loss", "orpo_loss", "kto_loss", "reward_model_loss",
            "GRPO_LOSS_TYPES", "group_advantages", "rloo_advantages", "informative_groups", "kl_per_token",
            "rloo_rewards", "grpo_loss", "kl_penalized_rewards", "gae_advantages", "masked_mean", "masked_whiten",
            "ppo_policy_loss", "ppo_value_loss", "AdaptiveKLController"]

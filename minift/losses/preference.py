@@ -244,3 +244,17 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
     losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (rho - z))),
                          undesirable_weight * (1 - torch.sigmoid(beta * (z - rho))))
     return losses, beta * rho.detach(), z
+
+
+def reward_model_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, *, margin: torch.Tensor | None = None,
+                      center_coefficient: float = 0.0) -> torch.Tensor:
+    """Bradley-Terry reward-model loss (Ouyang et al. 2022, "Training language models to follow instructions",
+    2203.02155): ``−log σ(s_c − s_r − m) + c (s_c + s_r)²`` per pair, for scalar scores ``s`` ``(B,)``; ``m`` an
+    optional per-pair margin (Llama 2's), ``c`` centres the scores near 0 (Eisenstein et al. 2023). Returns
+    ``(B,)`` as trl's RewardTrainer computes it before its mean."""
+    if chosen_scores.shape != rejected_scores.shape or chosen_scores.dim() != 1:
+        raise ValueError(f"chosen and rejected scores must both be (B,), got {tuple(chosen_scores.shape)} and "
+                         f"{tuple(rejected_scores.shape)}")
+    c, r = _float(chosen_scores), _float(rejected_scores)
+    losses = -F.logsigmoid(c - r - (0 if margin is None else _float(margin)))
+    return losses + center_coefficient * (c + r) ** 2 if center_coefficient else losses

@@ -171,6 +171,9 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     return tokenizer
 
 
+TASKS = ("causal_lm", "seq_cls")
+
+
 def load_model(
     name_or_path: str,
     tokenizer,
@@ -180,15 +183,20 @@ def load_model(
     gradient_checkpointing: bool = False,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    task: str = "causal_lm",
 ):
     """Load a causal LM from a directory, a hub id, or ``tiny`` (its pad token id taken from ``tokenizer``).
+    ``task="seq_cls"``: the same base with a one-output sequence-classification head (``score``, new unless the
+    directory has one), as a reward model.
 
     ``quantization``: None, ``"4bit"`` (NF4, double quantization; compute in ``dtype``) or
     ``"8bit"`` (LLM.int8), via bitsandbytes. Gradient checkpointing uses ``use_reentrant=False`` so
     that gradients reach adapters of a frozen base.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if quantization not in (None, "4bit", "8bit"):
         raise ValueError(f"quantization must be None, '4bit' or '8bit', got {quantization!r}")
     path = resolve_model_path(name_or_path)
@@ -198,8 +206,11 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     if quantization:
         kwargs["quantization_config"] = _bnb_config(quantization, torch_dtype)
+    if task == "seq_cls":
+        kwargs.update(num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    auto = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = auto.from_pretrained(path, **kwargs)
     except OSError as err:
         raise FileNotFoundError(
             f"could not load a model from {name_or_path!r}: {err}. Check the path or hub id "

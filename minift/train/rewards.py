@@ -67,6 +67,17 @@ BUNDLED: dict[str, Callable] = {"exact_match": exact_match, "partial_credit": pa
                                 "think_format": think_format, "length_penalty": length_penalty}
 
 
+def reward_text(tokenizer, prompt, completion) -> str:
+    """What a reward model scores: prompt (a string is one user turn, or messages) and completion (a string is
+    one assistant turn, or messages) through the tokenizer's chat template, or concatenated without one. The
+    reward-model recipe trains on exactly this text."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    answer = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
+    if not tokenizer.chat_template:
+        return "".join(m["content"] for m in messages + answer)
+    return tokenizer.apply_chat_template(messages + answer, tokenize=False)
+
+
 class RewardModel:
     """A sequence-classification model directory (one label) as a reward: the score of prompt + completion at
     its last token, the prompt rendered with the model's chat template (a string prompt as one user turn)."""
@@ -85,16 +96,9 @@ class RewardModel:
         self.device, self.batch_size = device, batch_size
         self.__name__ = f"reward_model({Path(path).name})"
 
-    def text(self, prompt, completion: str) -> str:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if not self.tokenizer.chat_template:
-            return "".join(m["content"] for m in messages) + completion
-        return self.tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}],
-                                                  tokenize=False)
-
     @torch.inference_mode()
     def __call__(self, prompts, completions, **_) -> list[float]:
-        texts = [self.text(p, c) for p, c in zip(prompts, completions)]
+        texts = [reward_text(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
         scores: list[float] = []
         for at in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(texts[at: at + self.batch_size], return_tensors="pt", padding=True,

@@ -64,7 +64,7 @@ def close_processes() -> None:
         torch.distributed.destroy_process_group()
 
 
-def lora_config_from(cfg: TrainConfig) -> LoraConfig:
+def lora_config_from(cfg: TrainConfig, modules_to_save: list[str] | None = None) -> LoraConfig:
     targets = cfg.target_modules
     if targets == ["all-linear"]:
         spec: list[str] | str = "all-linear"
@@ -73,20 +73,26 @@ def lora_config_from(cfg: TrainConfig) -> LoraConfig:
     else:
         spec = targets
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=spec,
-                      use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
+                      use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, modules_to_save=modules_to_save)
 
 
-def load_for_training(cfg: TrainConfig, tokenizer):
-    """The base model, the frozen init adapter (if any) and the trainable adapter (or a full fine-tune)."""
+def load_for_training(cfg: TrainConfig, tokenizer, task: str = "causal_lm"):
+    """The base model, the frozen init adapter (if any) and the trainable adapter (or a full fine-tune).
+    ``task="seq_cls"``: a one-output sequence-classification head, trained in full beside the adapter (peft's
+    ``modules_to_save``), so that the adapter alone restores the reward model."""
     quantization = "4bit" if cfg.use_4bit else "8bit" if cfg.use_8bit else None
     model = load_model(cfg.model_name_or_path, tokenizer, dtype=cfg.dtype, quantization=quantization,
-                       gradient_checkpointing=cfg.gradient_checkpointing)
+                       gradient_checkpointing=cfg.gradient_checkpointing, task=task)
+    if task == "seq_cls":
+        if not isinstance(getattr(model, "score", None), nn.Linear):
+            raise ConfigError(f"{cfg.model_name_or_path}: {type(model).__name__} has no `score` head; reward models "
+                              f"need an architecture whose sequence-classification head is named score")
     use_document_attention(model)  # sdpa -> minift_sdpa: packed documents attend without a mask
     try:  # a bad init adapter, target_modules matching no layer, a rank too big: the user's input, not a crash
         if cfg.init_adapter:
             load_adapter(model, cfg.init_adapter, adapter_name="init", trainable=False)
         if cfg.lora_r > 0:
-            lora_config = lora_config_from(cfg)
+            lora_config = lora_config_from(cfg, ["score"] if task == "seq_cls" else None)
             check_ranks(model, lora_config)
             apply_lora(model, lora_config, adapter_name=DEFAULT_ADAPTER)
     except ValueError as err:

@@ -143,9 +143,10 @@ class Stage:
         return answer_metrics(self.model, self.tokenizer, self.answer_examples,
                               max_new_tokens=getattr(self.cfg, "max_new_tokens", 16), suffix=suffix)
 
-    def load_model(self):
-        """Base model, the frozen init adapter (if any), and the trainable adapter (or every weight)."""
-        self.model = load_for_training(self.cfg, self.tokenizer)
+    def load_model(self, task: str = "causal_lm"):
+        """Base model, the frozen init adapter (if any), and the trainable adapter (or every weight); ``task``
+        ``seq_cls``: with a reward model's scalar head (see :func:`~minift.train.setup.load_for_training`)."""
+        self.model = load_for_training(self.cfg, self.tokenizer, task)
         parents = [self.cfg.init_adapter] if self.cfg.init_adapter else []
         self.weights = Weights(self.model, full=self.cfg.lora_r == 0, base_model=self.cfg.model_name_or_path,
                                parents=parents)
