@@ -208,8 +208,8 @@ def spy_on_model(sft, monkeypatch) -> dict:
     seen = {}
     load = minift.train.stage.load_for_training
 
-    def spying(cfg, tokenizer):
-        seen["model"], seen["tokenizer"] = load(cfg, tokenizer), tokenizer
+    def spying(cfg, tokenizer, *task):
+        seen["model"], seen["tokenizer"] = load(cfg, tokenizer, *task), tokenizer
         return seen["model"]
 
     monkeypatch.setattr(minift.train.stage, "load_for_training", spying)
@@ -238,8 +238,8 @@ def test_qlora_trains_on_a_4bit_base(sft, data64, tmp_path, in_process, monkeypa
 
     load = minift.train.stage.load_for_training
 
-    def measure_before(c, tokenizer):  # B = 0 at init, so this is the 4-bit base model's loss
-        model = load(c, tokenizer)
+    def measure_before(c, tokenizer, *task):  # B = 0 at init, so this is the 4-bit base model's loss
+        model = load(c, tokenizer, *task)
         before["loss"] = fixed_batch_loss(sft, c, model, tokenizer)
         return model
 
