@@ -47,7 +47,7 @@ class ChatClient:
                  sleep: Callable[[float], None] = time.sleep):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
-        if timeout <= 0 or max_retries < 0 or backoff < 0 or concurrency < 1 or (max_calls is not None and max_calls < 0):
+        if timeout <= 0 or max_retries < 0 or backoff < 0 or concurrency < 1 or (max_calls or 0) < 0:
             raise ValueError("timeout must be > 0, max_retries and backoff >= 0, concurrency >= 1, max_calls >= 0")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.timeout, self.max_retries = model, timeout, max_retries
