@@ -37,8 +37,8 @@ class RewardConfig(DataSection, TrainConfig):
     DEMO_DATA = DATA / "demo_preference.jsonl"
     dataset_name_or_path: str = str(DEMO_DATA)
     output_dir: str = "out/reward_model"
-    # The demo: 1,800 training pairs, 10 epochs: held-out pair accuracy from 54% to about 75% in 25 s on 2 CPU
-    # cores; it plateaus there (15 epochs: 76%; from the SFT adapter or a full fine-tune: no better).
+    # The demo: 1,800 training pairs, 10 epochs: held-out pair accuracy from 54% to 70-75% in 25 s on 2 CPU
+    # cores; it plateaus there (15-30 epochs: 70-76%; from the SFT adapter or a full fine-tune: no better).
     validation_split: float = 0.1
     learning_rate: float = 5e-4
     num_train_epochs: float = 10.0

