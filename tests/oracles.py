@@ -2,7 +2,8 @@
 
 Tests use them directly; the comparison sides of ``tools/bench.py`` (lora vs peft, sft vs trl's SFTTrainer,
 dpo vs trl's DPOTrainer, grpo vs trl's GRPOTrainer) load them through this module, so that ``minift/``,
-``recipes/`` and ``tools/`` never import peft or trl themselves. Everything raises ImportError when the oracles are not installed.
+``recipes/`` and ``tools/`` never import peft or trl themselves. Everything raises ImportError when the
+oracles are not installed.
 """
 
 from __future__ import annotations
@@ -86,3 +87,14 @@ def trl_grpo_loss(logps, old_logps, advantages, mask, *, ref_logps=None, beta=0.
               "advantages": advantages, "old_per_token_logps": old_logps, "ref_per_token_logps": ref_logps,
               "num_items_in_batch": torch.as_tensor(mask.sum() if num_items is None else num_items, dtype=logps.dtype)}
     return GRPOTrainer._compute_loss(stand_in, None, inputs)
+
+
+def trl_generalized_jsd(student_logits, teacher_logits, labels=None, *, beta=0.5, temperature=1.0):
+    """trl's ``GKDTrainer.generalized_jsd_loss`` (``(B, T, V)`` logits, labels -100 ignored, mean over positions)."""
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.gkd import GKDTrainer
+
+    return GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels=labels, beta=beta,
+                                           temperature=temperature)

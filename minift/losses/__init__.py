@@ -8,8 +8,11 @@
   GRPO surrogate (DAPO clip-higher, GSPO sequence ratios; grpo / bnpo / dr_grpo / dapo aggregation)
 - ``ppo``: PPO with a value function: KL-penalized per-token rewards, GAE, whitening, clipped policy and value
   losses, the adaptive KL controller
+- ``distill``: knowledge distillation: forward / reverse KL and the generalized JSD, against full teacher
+  logits or a top-k teacher with a tail bucket
 """
 
+from minift.losses.distill import distill_divergence, sparse_distill_divergence
 from minift.losses.lm_head import (
     chunked_cross_entropy,
     completion_logprobs,
@@ -47,4 +50,5 @@ __all__ = ["chunked_cross_entropy", "token_logprobs", "completion_logprobs",
            "DPO_LOSS_TYPES", "dpo_loss", "simpo_loss", "cpo_loss", "orpo_loss", "kto_loss", "reward_model_loss",
            "GRPO_LOSS_TYPES", "group_advantages", "rloo_advantages", "informative_groups", "kl_per_token",
            "rloo_rewards", "grpo_loss", "kl_penalized_rewards", "gae_advantages", "masked_mean", "masked_whiten",
-           "ppo_policy_loss", "ppo_value_loss", "AdaptiveKLController"]
+           "ppo_policy_loss", "ppo_value_loss", "AdaptiveKLController", "distill_divergence",
+           "sparse_distill_divergence"]
