@@ -9,6 +9,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import start_server
 
 from minift.infer.client import APIError, ChatClient
 
@@ -129,21 +130,17 @@ def test_budget_and_concurrency(server):
 
 
 def test_against_minift_s_own_server(tiny_dir):
-    """End to end against tools/serve.py's server (in process, the tiny model): greedy text and top log-probs."""
-    from minift.infer.engine import Generator
-    from minift.infer.server import APIServer, ServerConfig
-
-    srv = APIServer(Generator.load(str(tiny_dir)), ServerConfig(served_model_name="tiny"), "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    """End to end against tools/serve.py (the tiny model, its own process): greedy text and top log-probs."""
+    proc, url = start_server(str(tiny_dir), "--served_model_name", "tiny")
     try:
-        client = ChatClient(srv.url, "tiny", api_key_env=None, timeout=120)
+        client = ChatClient(url, "tiny", api_key_env=None, timeout=120)
         answer = client.chat([{"role": "user", "content": "Reverse the words: red cup"}], temperature=0, max_tokens=4,
                              logprobs=True, top_logprobs=2)
         choice = answer["choices"][0]
         assert choice["message"]["content"] and len(choice["logprobs"]["content"]) >= 1
         assert len(choice["logprobs"]["content"][0]["top_logprobs"]) == 2
         with pytest.raises(APIError, match="HTTP 404"):
-            ChatClient(srv.url, "no-such-model", api_key_env=None, max_retries=0).chat(MESSAGES)
+            ChatClient(url, "no-such-model", api_key_env=None, max_retries=0).chat(MESSAGES)
     finally:
-        srv.shutdown()
-        srv.server_close()
+        proc.terminate()
+        proc.wait(timeout=30)

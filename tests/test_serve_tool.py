@@ -7,7 +7,6 @@ from __future__ import annotations
 import http.client
 import json
 import math
-import select
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ from urllib.parse import urlparse
 
 import openai
 import pytest
+from conftest import start_server
 
 from minift.infer.engine import Generator
 from minift.train.sampling import SamplingParams
@@ -25,23 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVE, GENERATE = ROOT / "tools" / "serve.py", ROOT / "tools" / "generate.py"
 KEY = "test-key"
 PROMPT = "Reverse the words: red cup"
-
-
-def start_server(*args: str, timeout: float = 180) -> tuple[subprocess.Popen, str]:
-    """serve.py on a free port; returns the process and the base URL it printed."""
-    proc = subprocess.Popen([sys.executable, str(SERVE), *args, "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if ready:
-            line = proc.stdout.readline()
-            if line.startswith("serving "):
-                return proc, line.split(" at ")[1].split()[0]
-        if proc.poll() is not None:
-            raise AssertionError(f"serve.py exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
-    proc.kill()
-    raise AssertionError(f"serve.py did not start within {timeout} s")
 
 
 @pytest.fixture(scope="module")
