@@ -112,7 +112,7 @@ def test_unfiltered_sampling_draws_from_the_softmax():
     logits = torch.tensor([[2.0, float("-inf"), 0.0, 1.0, -1.0]])
     probs = (logits / 0.7).softmax(-1)[0]
     draws = torch.rand(20000, 1, generator=torch.Generator().manual_seed(0))
-    picks = _draw_plain(logits.expand(20000, -1) / 0.7, [], draws)
+    picks = _draw_plain(logits.expand(20000, -1) / 0.7, draws)
     freq = torch.bincount(picks, minlength=5).double() / len(picks)
     assert (freq - probs.double()).abs().max() < 0.01 and freq[1] == 0
     assert _invert(torch.tensor([[0.0, 0.0, 0.5, 1.0]]), torch.zeros(1, 1)).item() == 2

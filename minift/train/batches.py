@@ -61,12 +61,13 @@ class OnlineBatches:
     def micro_batch(self, index: int) -> dict:
         window, offset = divmod(index, self.accumulation)
         source = window // self.repeats * self.accumulation + offset  # the micro-batch whose prompts serve here
-        if source not in self._made:
-            if self.repeats == 1:
-                return self.make_batch(*self.draw(source), lambda attempt: self.draw(source, attempt))
-            self._made = {k: v for k, v in self._made.items() if k // self.accumulation == source // self.accumulation}
-            self._made[source] = self.make_batch(*self.draw(source), lambda attempt: self.draw(source, attempt))
-        return self._made[source]
+        if source in self._made:
+            return self._made[source]
+        batch = self.make_batch(*self.draw(source), lambda attempt: self.draw(source, attempt))
+        if self.repeats > 1:  # kept for the window's later steps; earlier windows' batches are dropped
+            self._made = {k: v for k, v in self._made.items() if k // self.accumulation == window // self.repeats}
+            self._made[source] = batch
+        return batch
 
 
 def check_enough_rows(n_rows: int, cfg: TrainConfig, num_processes: int, what: str, per_device: int | None = None) -> None:

@@ -88,10 +88,9 @@ class LocalJudge(_Judge):
                 for q in map(self._prompt_ids, questions) for r in reply_ids]
         was_training = self.model.training
         self.model.eval()
-        scores = []
+        scores, device = [], next(self.model.parameters()).device
         for at in range(0, len(rows), self.batch_size):
             batch = collate_padded(rows[at: at + self.batch_size], self.tokenizer.pad_token_id)
-            device = next(self.model.parameters()).device
             scores.append(self.logps(**{k: v.to(device) for k, v in batch.items()}).sum(-1).double().cpu())
         self.model.train(was_training)
         return torch.cat(scores).view(len(questions), len(replies)).softmax(-1)

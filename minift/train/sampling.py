@@ -129,12 +129,14 @@ def _pick(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         return choice
     plain = [i for i in sampled if not _filters(rows[i].params)]
     filtered = [i for i in sampled if _filters(rows[i].params)]
-    for group, pick in ((plain, _draw_plain), (filtered, _draw_filtered)):
+    for group in (plain, filtered):
         if group:
             index = torch.tensor(group, device=logits.device)
             temps = torch.tensor([rows[i].params.temperature for i in group], device=logits.device)[:, None]
             draws = torch.cat([torch.rand(1, generator=rows[i].generator) for i in group]).to(logits.device)[:, None]
-            choice[index] = pick(logits[index] / temps, [rows[i].params for i in group], draws)
+            scaled = logits[index] / temps
+            choice[index] = _draw_plain(scaled, draws) if group is plain else \
+                _draw_filtered(scaled, [rows[i].params for i in group], draws)
     return choice
 
 
@@ -142,7 +144,7 @@ def _filters(p: SamplingParams) -> bool:
     return p.top_k > 0 or p.top_p < 1 or p.min_p > 0
 
 
-def _draw_plain(scaled: torch.Tensor, params: list[SamplingParams], draws: torch.Tensor) -> torch.Tensor:
+def _draw_plain(scaled: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     return _invert(scaled.softmax(-1).cumsum(-1), draws)
 
 
