@@ -1,5 +1,6 @@
 """minift.losses.distill: forward / reverse KL and the generalized JSD by hand, equal to trl's
-generalized_jsd_loss (oracle), and the sparse top-k + tail variant equal to the dense one when k covers V."""
+generalized_jsd_loss (oracle); the sparse top-k + tail variant equal to the dense one when k covers V; the
+chunked loss through the LM heads equal to the plain one in values and gradients."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import pytest
 import torch
 from oracles import trl_generalized_jsd
 
-from minift.losses import distill_divergence, sparse_distill_divergence
+from minift.losses import (
+    chunked_distill_loss,
+    distill_divergence,
+    sparse_distill_divergence,
+)
 
 
 def test_by_hand_on_two_tokens():
@@ -77,3 +82,66 @@ def test_bad_input_is_refused():
         distill_divergence(torch.zeros(1, 3), torch.zeros(1, 4))
     with pytest.raises(ValueError, match="teacher_ids and teacher_logps"):
         sparse_distill_divergence(torch.zeros(2, 3), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2))
+
+
+def _heads(seed: int, n=13, hs=8, ht=12, vs=19, vt=23):
+    """Student and teacher hidden states and heads; the teacher's head has 4 padded rows past the shared 19."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, hs, generator=g, dtype=torch.float64), torch.randn(vs, hs, generator=g, dtype=torch.float64),
+            torch.randn(vs, generator=g, dtype=torch.float64), torch.randn(n, ht, generator=g, dtype=torch.float64),
+            torch.randn(vt, ht, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_chunked_equals_unchunked_in_values_and_gradients(beta, temperature):
+    """Chunks of 4 rows (13 rows: the last chunk is short) against the divergence of the full logits, with the
+    teacher's padded rows sliced off: the summed value and the gradients of hidden, weight and bias to 1e-6."""
+    hidden, weight, bias, t_hidden, t_weight = _heads(3)
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    plain = distill_divergence(leaves[0] @ leaves[1].T + leaves[2], t_hidden @ t_weight[:19].T, beta=beta,
+                               temperature=temperature).sum()
+    plain.backward()
+    chunked_leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    chunked = chunked_distill_loss(chunked_leaves[0], chunked_leaves[1], bias=chunked_leaves[2], teacher_hidden=t_hidden,
+                                   teacher_weight=t_weight, beta=beta, temperature=temperature, chunk_size=4)
+    (chunked * 1.5).backward()  # the upstream factor reaches every gradient
+    assert chunked.item() == pytest.approx(plain.item(), abs=1e-6)
+    for ours, theirs in zip(chunked_leaves, leaves):
+        assert torch.allclose(ours.grad, 1.5 * theirs.grad, atol=1e-6, rtol=0), (ours.grad - 1.5 * theirs.grad).abs().max()
+    with torch.no_grad():  # eval: the same value without gradients
+        assert chunked_distill_loss(hidden, weight, bias=bias, teacher_hidden=t_hidden, teacher_weight=t_weight,
+                                    beta=beta, temperature=temperature, chunk_size=5).item() == pytest.approx(plain.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_chunked_sparse_teacher_equals_the_sparse_divergence(beta):
+    hidden, weight, _, t_hidden, t_weight = _heads(4)
+    values, ids = (t_hidden @ t_weight[:19].T).log_softmax(-1).topk(5, dim=-1)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    plain = sparse_distill_divergence(h @ w.T, ids, values, beta=beta).sum()
+    plain.backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    chunked = chunked_distill_loss(h2, w2, teacher_ids=ids, teacher_logps=values, beta=beta, chunk_size=3)
+    chunked.backward()
+    assert chunked.item() == pytest.approx(plain.item(), abs=1e-6)
+    assert torch.allclose(h2.grad, h.grad, atol=1e-6, rtol=0) and torch.allclose(w2.grad, w.grad, atol=1e-6, rtol=0)
+
+
+def test_chunked_frozen_head_and_bad_teachers():
+    hidden, weight, _, t_hidden, t_weight = _heads(5)
+    h = hidden.clone().requires_grad_()
+    chunked_distill_loss(h, weight, teacher_hidden=t_hidden, teacher_weight=t_weight, chunk_size=4).backward()
+    h_plain = hidden.clone().requires_grad_()
+    distill_divergence(h_plain @ weight.T, t_hidden @ t_weight[:19].T).sum().backward()
+    assert torch.allclose(h.grad, h_plain.grad, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="either as teacher_hidden"):
+        chunked_distill_loss(hidden, weight, teacher_hidden=t_hidden)
+    with pytest.raises(ValueError, match="either as teacher_hidden"):
+        chunked_distill_loss(hidden, weight)
+    with pytest.raises(ValueError, match="teacher_hidden must be"):
+        chunked_distill_loss(hidden, weight, teacher_hidden=t_hidden[:4], teacher_weight=t_weight)
+    with pytest.raises(ValueError, match="vocab_size 30 is more than"):
+        chunked_distill_loss(hidden, weight, teacher_hidden=t_hidden, teacher_weight=t_weight, vocab_size=30)
+    with pytest.raises(ValueError, match="past the vocabulary"):
+        chunked_distill_loss(hidden, weight, teacher_ids=torch.full((13, 2), 19), teacher_logps=torch.zeros(13, 2))

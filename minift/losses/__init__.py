@@ -9,10 +9,14 @@
 - ``ppo``: PPO with a value function: KL-penalized per-token rewards, GAE, whitening, clipped policy and value
   losses, the adaptive KL controller
 - ``distill``: knowledge distillation: forward / reverse KL and the generalized JSD, against full teacher
-  logits or a top-k teacher with a tail bucket
+  logits or a top-k teacher with a tail bucket; chunked through the LM heads so (N, V) logits never exist
 """
 
-from minift.losses.distill import distill_divergence, sparse_distill_divergence
+from minift.losses.distill import (
+    chunked_distill_loss,
+    distill_divergence,
+    sparse_distill_divergence,
+)
 from minift.losses.lm_head import (
     chunked_cross_entropy,
     completion_logprobs,
@@ -51,4 +55,4 @@ __all__ = ["chunked_cross_entropy", "token_logprobs", "completion_logprobs",
            "GRPO_LOSS_TYPES", "group_advantages", "rloo_advantages", "informative_groups", "kl_per_token",
            "rloo_rewards", "grpo_loss", "kl_penalized_rewards", "gae_advantages", "masked_mean", "masked_whiten",
            "ppo_policy_loss", "ppo_value_loss", "AdaptiveKLController", "distill_divergence",
-           "sparse_distill_divergence"]
+           "sparse_distill_divergence", "chunked_distill_loss"]
