@@ -165,7 +165,7 @@ def test_unpaired_and_prompt_records(tok):
     kto = normalize_all(load_records(DATA / "demo_kto.jsonl"), "unpaired")
     assert all(isinstance(e, Unpaired) for e in kto.examples)
     encoded, _ = encode_unpaired(kto.examples, tok, max_seq_length=64)
-    assert sum(e["label"] for e in encoded) == 200 and len(encoded) == 400
+    assert sum(e["label"] for e in encoded) == 1000 and len(encoded) == 2000
     prompts = normalize_all(load_records(DATA / "demo_prompts.jsonl"), "prompt")
     assert isinstance(prompts.examples[0], Prompt) and "answer" in prompts.examples[0].extra
     encoded, _ = encode_prompts(prompts.examples, tok, max_prompt_length=64)

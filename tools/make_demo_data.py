@@ -15,10 +15,10 @@ minift/model/tiny_corpus.txt (the tiny model's tokenizer corpus). Files written:
                          eval word set (order ignored) occurs in any training file.
 - demo_preference.jsonl 2000 {"prompt", "chosen", "rejected"} pairs; half plain strings, a quarter
                          as message lists, a quarter with an implicit (shared user turn) prompt.
-- demo_kto.jsonl         400 unpaired {"prompt", "completion", "label"} records, half correct.
+- demo_kto.jsonl        2000 unpaired {"prompt", "completion", "label"} records, half correct.
 - demo_prompts.jsonl     4000 {"prompt", "answer"} records for online RL (answer goes to rewards; enough that
                          a run does not memorize them).
-- demo_reasoning.jsonl   400 {"prompt", "completion", "answer"} records whose completion works
+- demo_reasoning.jsonl  2000 {"prompt", "completion", "answer"} records whose completion works
                          the reversal out step by step, then ends with "Answer: ...".
 
 All training files draw from one pool of word lists, disjoint (as sets of words) from the eval lists.
@@ -165,7 +165,9 @@ def make_preference(rng: random.Random, pool, vocab, n: int = 2000) -> list[dict
     return records
 
 
-def make_kto(rng: random.Random, pool, vocab, n: int = 400) -> list[dict]:
+def make_kto(rng: random.Random, pool, vocab, n: int = 2000) -> list[dict]:
+    # 2000, not 400: from the SFT demo adapter, 360 training answers ranked 81.5-89% of held-out pairs right
+    # depending on the CPU; 1,800 rank 88-90% (three seeds).
     records = []
     for i, words in enumerate(rng.sample(pool, n)):
         good = i % 2 == 0
@@ -194,7 +196,9 @@ def main() -> None:
     write_jsonl("demo_kto.jsonl", make_kto(rngs["kto"], pool, vocab))
     rl_lists = rngs["rl"].sample(pool, 4000)
     write_jsonl("demo_prompts.jsonl", [{"prompt": prompt(w), "answer": answer(w)} for w in rl_lists])
-    reason_lists = rngs["reason"].sample(pool, 400)
+    # 2000, not 400: the tiny model fine-tuned on 400 worked reversals (60 epochs) got 28% of held-out final
+    # answers right; on 2000 (15 epochs) 100%, so it can teach (recipes/cot_distill.py)
+    reason_lists = rngs["reason"].sample(pool, 2000)
     write_jsonl(
         "demo_reasoning.jsonl",
         [{"prompt": prompt(w), "completion": reasoning(w), "answer": answer(w)} for w in reason_lists],
