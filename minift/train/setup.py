@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -58,9 +59,17 @@ def end_stage(accelerator) -> None:
         tracker.finish()
 
 
-def close_processes() -> None:
-    """Destroy the process group, if this process has one (the last line of a recipe script)."""
+def close_processes(finished: bool = True) -> None:
+    """Destroy the process group, if this process has one (the last line of a recipe script). After a run that
+    ``finished``, once every process has got here (none is still inside a collective when a peer shuts its
+    connections), and after collecting objects in reference cycles that may still hold work of the group: what
+    of the group outlives the interpreter's shutdown can abort the process there (a worker thread needing the GIL;
+    a CI run once ended so, "terminate called without an active exception", on one rank of two). After an error
+    the peers may be elsewhere, so no barrier."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if finished:
+            torch.distributed.barrier()
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 
