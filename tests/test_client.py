@@ -129,6 +129,16 @@ def test_budget_and_concurrency(server):
         ChatClient("127.0.0.1:8000", "judge")
 
 
+def test_identical_requests_go_once_and_each_answer_is_handed_over_as_it_arrives(server):
+    url, script = server((200, {}, 0.05))
+    client = ChatClient(url, "judge", concurrency=3)
+    requests = [([{"role": "user", "content": q}], {"temperature": 0}) for q in ("a", "b", "a", "c", "b")]
+    seen = []
+    answers = client.chat_many(requests, on_answer=lambda i, answer: seen.append(i))
+    assert answers == [ANSWER] * 5 and sorted(seen) == [0, 1, 2, 3, 4]
+    assert sorted(r["messages"][0]["content"] for r, _ in script.seen) == ["a", "b", "c"]  # each body once
+
+
 def test_against_minift_s_own_server(tiny_dir):
     """End to end against tools/serve.py (the tiny model, its own process): greedy text and top log-probs."""
     proc, url = start_server(str(tiny_dir), "--served_model_name", "tiny")

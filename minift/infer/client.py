@@ -23,7 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable
 
@@ -74,10 +74,26 @@ class ChatClient:
             partial.replace(cached)  # atomic: a killed run leaves no half-written entry
         return answer
 
-    def chat_many(self, requests: list[tuple[list[dict], dict]]) -> list[dict]:
-        """``chat`` for each ``(messages, options)``, at most ``concurrency`` at once; answers in order."""
+    def chat_many(self, requests: list[tuple[list[dict], dict]],
+                  on_answer: Callable[[int, dict], None] | None = None) -> list[dict]:
+        """``chat`` for each ``(messages, options)``, at most ``concurrency`` at once; answers in order. Identical
+        requests are sent once. ``on_answer(i, answer)`` is called in this thread as each answer arrives (e.g. to
+        write it down at once)."""
+        answers: list[dict | None] = [None] * len(requests)
+        same: dict[str, list[int]] = {}  # one request body -> the positions asking it
+        for i, (messages, options) in enumerate(requests):
+            same.setdefault(json.dumps([messages, options], sort_keys=True), []).append(i)
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(lambda r: self.chat(r[0], **r[1]), requests))
+            futures = {}
+            for at in same.values():
+                messages, options = requests[at[0]]
+                futures[pool.submit(self.chat, messages, **options)] = at
+            for future in as_completed(futures):
+                for i in futures[future]:
+                    answers[i] = future.result()
+                    if on_answer is not None:
+                        on_answer(i, answers[i])
+        return answers
 
     def _cache_path(self, body: dict) -> Path | None:
         if self.cache_dir is None:

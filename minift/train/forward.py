@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from minift.constants import IGNORE_INDEX
 from minift.lora.layers import ModulesToSave
-from minift.losses import chunked_cross_entropy
+from minift.losses import chunked_cross_entropy, chunked_distill_loss
 from minift.losses.lm_head import segment_sums, token_logprobs
 from minift.model.attention import flat_forward
 
@@ -32,7 +32,9 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model, self.chunk_size = model, chunk_size
 
-    def _hidden_and_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def labelled_hidden(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final hidden states ``(N, H)`` at the N positions whose next token is a target, and those targets
+        ``(N,)`` (row-major order)."""
         documents = {}
         if "cu_seq_lens_q" in batch:  # a flat packed batch (collate_flat): attention within each document
             bounds = batch["cu_seq_lens_q"]
@@ -46,15 +48,18 @@ class CausalLMLoss(nn.Module):
         mask = targets != IGNORE_INDEX
         return out.last_hidden_state[:, :-1][mask], targets[mask]
 
+    def output_head(self) -> nn.Module:
+        """The LM head that is active now (a ``modules_to_save`` copy when the adapter has one)."""
+        head = self.model.get_output_embeddings()
+        return head.current() if isinstance(head, ModulesToSave) else head
+
     def _logit_options(self) -> dict:
         cfg = self.model.config
         return {"softcap": getattr(cfg, "final_logit_softcapping", None), "scale": getattr(cfg, "logit_scale", None)}
 
     def forward(self, **batch) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, targets = self._hidden_and_targets(batch)
-        head = self.model.get_output_embeddings()
-        if isinstance(head, ModulesToSave):
-            head = head.current()
+        hidden, targets = self.labelled_hidden(batch)
+        head = self.output_head()
         if type(head) is nn.Linear:
             loss = chunked_cross_entropy(hidden, head.weight, targets, chunk_size=self.chunk_size, bias=head.bias,
                                          **self._logit_options())
@@ -79,7 +84,7 @@ class CausalLMLoss(nn.Module):
     @torch.no_grad()
     def eval_sums(self, batch: dict) -> torch.Tensor:
         """``[summed cross-entropy, correct argmax predictions, trained tokens]`` for one batch."""
-        hidden, targets = self._hidden_and_targets(batch)
+        hidden, targets = self.labelled_hidden(batch)
         head = self.model.get_output_embeddings()
         sums = torch.zeros(3, dtype=torch.float64)
         for h, t in zip(hidden.split(self.chunk_size), targets.split(self.chunk_size)):
@@ -107,12 +112,12 @@ class SequenceLogprobs(CausalLMLoss):
             doc, n_docs = rows[:, None].expand_as(labels)[labels != IGNORE_INDEX], labels.shape[0]
         return segment_sums(logps, doc, n_docs)
 
-    def labelled_logps(self, batch: dict) -> torch.Tensor:
-        """``(N,)`` float32 log-probs of the labelled positions, in row-major order."""
-        hidden, targets = self._hidden_and_targets(batch)
-        head = self.model.get_output_embeddings()
-        if isinstance(head, ModulesToSave):
-            head = head.current()
+    def labelled_logps(self, batch: dict, hidden_targets: tuple[torch.Tensor, torch.Tensor] | None = None
+                       ) -> torch.Tensor:
+        """``(N,)`` float32 log-probs of the labelled positions, in row-major order (``hidden_targets``: what
+        :meth:`labelled_hidden` returned for ``batch``, when the caller has it already)."""
+        hidden, targets = hidden_targets or self.labelled_hidden(batch)
+        head = self.output_head()
         if type(head) is nn.Linear:
             return token_logprobs(hidden, head.weight, targets, chunk_size=self.chunk_size, bias=head.bias,
                                   **self._logit_options())
@@ -134,6 +139,32 @@ class TokenLogprobs(SequenceLogprobs):
         logps = self.labelled_logps(batch)
         labelled = batch["labels"][:, 1:] != IGNORE_INDEX
         return logps.new_zeros(labelled.shape).masked_scatter(labelled, logps)
+
+
+class DistillLoss(CausalLMLoss):
+    """Wraps a student causal LM so that one forward returns the generalized JSD to a teacher, summed over the
+    trained tokens, and their count. The batch carries the teacher: ``teacher_hidden`` ``(N, Ht)`` (its final
+    hidden states at the same N positions; its head is ``teacher_head``, kept out of the module's parameters so
+    that DDP / FSDP see the student only) or its top-k, ``teacher_ids`` / ``teacher_logps`` ``(N, k)``. Neither
+    model's ``(N, V)`` logits exist whole (:func:`minift.losses.chunked_distill_loss`)."""
+
+    def __init__(self, model: nn.Module, teacher_head: nn.Linear | None, *, beta: float, temperature: float,
+                 vocab_size: int, chunk_size: int = 256):
+        super().__init__(model, chunk_size)
+        self.teacher_head = None if teacher_head is None else (teacher_head.weight, teacher_head.bias)  # a tuple: unregistered
+        self.beta, self.temperature, self.vocab_size = beta, temperature, vocab_size
+
+    def forward(self, teacher_hidden=None, teacher_ids=None, teacher_logps=None, beta: float | None = None,
+                **batch) -> tuple[torch.Tensor, int]:
+        hidden, targets = self.labelled_hidden(batch)
+        head = self.output_head()
+        teacher = ({"teacher_ids": teacher_ids, "teacher_logps": teacher_logps} if teacher_ids is not None else
+                   {"teacher_hidden": teacher_hidden, "teacher_weight": self.teacher_head[0],
+                    "teacher_bias": self.teacher_head[1]})
+        loss = chunked_distill_loss(hidden, head.weight, bias=head.bias, **teacher,
+                                    beta=self.beta if beta is None else beta, temperature=self.temperature,
+                                    vocab_size=self.vocab_size, chunk_size=self.chunk_size)
+        return loss, targets.numel()
 
 
 def evaluate(accelerator, loss_model: CausalLMLoss, batches: list[dict]) -> dict[str, float]:

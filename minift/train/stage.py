@@ -320,13 +320,16 @@ class Stage:
         return "\n".join(lines)
 
 
-def run_recipe(main, config_class, doc: str) -> None:
+def run_recipe(main, config_class, doc: str, errors: tuple[type[Exception], ...] = ()) -> None:
     """A recipe script's ``__main__``: config from flags and YAML, ``main(config)``, and any config or data
-    mistake printed as one ``error:`` line (exit status 1) instead of a traceback."""
+    mistake (or one of the recipe's own ``errors``, such as an API that keeps failing) printed as one ``error:``
+    line (exit status 1) instead of a traceback."""
+    finished = False
     try:
         main(parse_config(config_class, description=doc.split("\n\n")[0]))
-    except (ConfigError, FileNotFoundError, RecordError, RewardError, HubPushError, FloatingPointError) as err:
+        finished = True
+    except (ConfigError, FileNotFoundError, RecordError, RewardError, HubPushError, FloatingPointError, *errors) as err:
         sys.exit(f"error: {err}")
     finally:
         release_output_dirs()
-        close_processes()
+        close_processes(finished)
