@@ -401,6 +401,25 @@ class TrainConfig(OutputSection, CheckpointSection, EvalSection, OptimSection, L
 
 
 @dataclasses.dataclass
+class RolloutSection:
+    """How an online recipe samples and scores completions (GRPO, PPO)."""
+
+    max_completion_length: int = _opt(16, "new tokens per completion at most")
+    temperature: float = _opt(1.0, "sampling temperature of the rollouts")
+    top_p: float = _opt(1.0, "rollout nucleus sampling (1: off)")
+    top_k: int = _opt(0, "rollout top-k (0: off)")
+    min_p: float = _opt(0.0, "rollout min-p (0: off)")
+    reward: list[str] = _opt(["exact_match"], "rewards: exact_match, partial_credit, think_format, length_penalty, "
+                                              "module:function, file.py:function or a reward-model directory; "
+                                              "comma-separated for several")
+    reward_weights: list[float] | None = _opt(None, "one weight per reward, comma-separated (none given: 1 each)")
+
+    def check(self) -> None:
+        _require([(self.max_completion_length >= 1 and self.temperature > 0,
+                   "max_completion_length must be >= 1 and temperature > 0")])
+
+
+@dataclasses.dataclass
 class DataSection:
     """Where a recipe's records come from and how they become tokens. ``DEMO_DATA`` / ``DEMO_EVAL``: the
     recipe's bundled demo files; ``answer_eval_dataset: auto`` means the demo eval set when training on the

@@ -22,10 +22,8 @@ from pathlib import Path
 
 import torch
 
-from minift.config import DataSection, TrainConfig
+from minift.config import DataSection, RolloutSection, TrainConfig
 from minift.constants import IGNORE_INDEX
-from minift.data.formats import normalize_all
-from minift.data.read import load_records
 from minift.lora.layers import disable_adapters
 from minift.losses import (
     GRPO_LOSS_TYPES,
@@ -36,7 +34,7 @@ from minift.losses import (
 )
 from minift.train.forward import TokenLogprobs
 from minift.train.rewards import Rewards, load_reward
-from minift.train.rollouts import Rollouts
+from minift.train.rollouts import Rollouts, load_prompts
 from minift.train.sampling import SamplingParams
 from minift.train.stage import Stage, run_recipe
 
@@ -44,18 +42,8 @@ DATA = Path(__file__).resolve().parent / "data"
 
 
 @dataclass
-class GRPOConfig(DataSection, TrainConfig):
+class GRPOConfig(RolloutSection, DataSection, TrainConfig):
     num_generations: int = field(default=8, metadata={"help": "completions per prompt (G)"})
-    max_completion_length: int = field(default=16, metadata={"help": "new tokens per completion at most"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts"})
-    top_p: float = field(default=1.0, metadata={"help": "rollout nucleus sampling (1: off)"})
-    top_k: int = field(default=0, metadata={"help": "rollout top-k (0: off)"})
-    min_p: float = field(default=0.0, metadata={"help": "rollout min-p (0: off)"})
-    reward: list[str] = field(default_factory=lambda: ["exact_match"], metadata={
-        "help": "rewards: exact_match, partial_credit, think_format, length_penalty, module:function, "
-                "file.py:function or a reward-model directory; comma-separated for several"})
-    reward_weights: list[float] | None = field(default=None, metadata={
-        "help": "one weight per reward, comma-separated (none given: 1 each)"})
     advantage: str = field(default="grpo", metadata={"help": "grpo (group-normalized) or rloo (leave-one-out)"})
     scale_rewards: str = field(default="group", metadata={"help": "grpo advantages / std of: group, batch, none"})
     loss_type: str = field(default="dapo", metadata={"help": "aggregation: grpo, bnpo, dr_grpo, dapo"})
@@ -90,8 +78,6 @@ class GRPOConfig(DataSection, TrainConfig):
                   (self.scale_rewards in ("group", "batch", "none"), "scale_rewards must be group, batch or none"),
                   (self.loss_type in GRPO_LOSS_TYPES, f"loss_type must be one of {GRPO_LOSS_TYPES}"),
                   (self.importance_sampling in ("token", "sequence"), "importance_sampling must be token or sequence"),
-                  (self.max_completion_length >= 1 and self.temperature > 0, "max_completion_length must be >= 1 "
-                                                                              "and temperature > 0"),
                   (self.epsilon >= 0 and self.beta >= 0, "epsilon and beta must be >= 0"),
                   (self.num_iterations >= 1 and self.max_refills >= 0, "num_iterations must be >= 1, max_refills >= 0"),
                   (self.num_iterations == 1 or self.save_steps % self.num_iterations == 0,
@@ -102,23 +88,6 @@ class GRPOConfig(DataSection, TrainConfig):
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-
-
-def load_prompts(cfg: GRPOConfig, tokenizer, rewards: Rewards) -> tuple[list[dict], dict]:
-    """Prompt records (with the fields the rewards need, checked) -> rendered prompt token ids."""
-    records = load_records(cfg.dataset_name_or_path, "train")
-    rewards.check_records(records)
-    norm = normalize_all(records, "prompt", fmt=cfg.dataset_format, skip_invalid=cfg.skip_invalid)
-    rows, too_long = [], 0
-    for ex in norm.examples:
-        text = tokenizer.apply_chat_template(ex.messages, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > cfg.max_seq_length:
-            too_long += 1
-            continue
-        prompt = ex.messages[0]["content"] if len(ex.messages) == 1 else ex.messages
-        rows.append({"input_ids": ids, "prompt": prompt, "fields": ex.extra})
-    return rows, {"prompts": len(rows), "dropped_too_long": too_long, "skipped_invalid": len(norm.skipped)}
 
 
 class GRPOBatches:
@@ -197,7 +166,8 @@ def main(cfg: GRPOConfig) -> dict:
     accelerator, tokenizer = stage.accelerator, stage.load_tokenizer()
     rewards = Rewards([load_reward(s, max_completion_length=cfg.max_completion_length) for s in cfg.reward],
                       cfg.reward_weights)
-    prompts, data_report = load_prompts(cfg, tokenizer, rewards)  # data errors before weights load
+    prompts, data_report = load_prompts(cfg.dataset_name_or_path, tokenizer, rewards, max_length=cfg.max_seq_length,
+                                        fmt=cfg.dataset_format, skip_invalid=cfg.skip_invalid)  # before weights load
     model = stage.load_model()
     logps_model = TokenLogprobs(model)
     make = GRPOBatches(cfg, logps_model, tokenizer, rewards, stage.adapter_name)

@@ -3,35 +3,16 @@ processes and after a SIGKILL + resume; bad configs, data and rewards fail with 
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import _ProcessState, assert_same_adapter, load_recipe, sigkill_when
+from conftest import DEMO_PROMPTS, _ProcessState, assert_same_adapter, load_recipe, logged, sigkill_when
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 GRPO = ROOT / "recipes" / "grpo.py"
-DEMO_PROMPTS = ROOT / "recipes" / "data" / "demo_prompts.jsonl"
-
-
-@pytest.fixture(scope="session")
-def weak_sft(tiny_dir, tmp_path_factory):
-    """One deliberately weak SFT start for every RL test: the SFT demo cut to 5 epochs (about 15 s; 44% held-out
-    greedy exact match here, where the full demo reaches 95%)."""
-    sft = load_recipe("sft")
-    out = tmp_path_factory.mktemp("weak-sft")
-    with _ProcessState():
-        result = sft.main(sft.SFTConfig(output_dir=str(out), num_train_epochs=5.0, logging_steps=0))
-    assert 0.3 <= result["answer_accuracy"] <= 0.6, result
-    return out / "adapter", result["answer_accuracy"]
-
-
-def logged(out: Path, key: str = "loss") -> dict[int, float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in rows if key in r}
 
 
 def run_grpo(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -11,6 +11,7 @@ from minift.losses import (
     AdaptiveKLController,
     gae_advantages,
     kl_penalized_rewards,
+    masked_moments,
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
@@ -45,6 +46,10 @@ def test_whitening_over_the_mask():
     assert torch.allclose(masked_whiten(2 * x, mask, shift_mean=False), t([3, 4, 5, 0]))  # [2, 4, 6]: (x - 4) / 2 + 4
     with pytest.raises(ValueError, match="at least 2"):
         masked_whiten(x, t([1, 0, 0, 0]))
+    # a batch split in two (as over two processes): the summed moments whiten each part as the whole
+    left, right = masked_moments(x[:, :2], mask[:, :2]), masked_moments(x[:, 2:], mask[:, 2:])
+    assert torch.equal(left + right, t(3, 6, 14))
+    assert torch.allclose(masked_whiten(x[:, 2:], mask[:, 2:], moments=left + right), t([1, 0]))
 
 
 def test_kl_penalized_rewards_put_the_score_on_the_last_token():
@@ -55,6 +60,9 @@ def test_kl_penalized_rewards_put_the_score_on_the_last_token():
     rewards, kl = kl_penalized_rewards(t(2, 3), logps, ref, mask, kl_coef=0.1)
     assert torch.allclose(rewards, t([-.05, .1, 2.0], [-.1, 3.0, 0]))
     assert torch.allclose(kl, t([.5, -1, 0], [1, 0, 0]))
+    # completions after a masked prompt (the recipes' layout): the score lands on the last masked-in position
+    rewards, _ = kl_penalized_rewards(t(2, 3), logps, ref, t([0, 1, 1], [0, 1, 0]), kl_coef=0.1)
+    assert torch.allclose(rewards, t([0, .1, 2.0], [0, 3.0, 0]))
 
 
 def test_clipped_policy_loss():

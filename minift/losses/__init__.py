@@ -36,6 +36,7 @@ from minift.losses.ppo import (
     gae_advantages,
     kl_penalized_rewards,
     masked_mean,
+    masked_moments,
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
@@ -53,6 +54,7 @@ from minift.losses.preference import (
 __all__ = ["chunked_cross_entropy", "token_logprobs", "completion_logprobs",
            "DPO_LOSS_TYPES", "dpo_loss", "simpo_loss", "cpo_loss", "orpo_loss", "kto_loss", "reward_model_loss",
            "GRPO_LOSS_TYPES", "group_advantages", "rloo_advantages", "informative_groups", "kl_per_token",
-           "rloo_rewards", "grpo_loss", "kl_penalized_rewards", "gae_advantages", "masked_mean", "masked_whiten",
+           "rloo_rewards", "grpo_loss", "kl_penalized_rewards", "gae_advantages", "masked_mean", "masked_moments",
+           "masked_whiten",
            "ppo_policy_loss", "ppo_value_loss", "AdaptiveKLController", "distill_divergence",
            "sparse_distill_divergence", "chunked_distill_loss"]

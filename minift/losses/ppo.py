@@ -9,6 +9,8 @@ Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (1707.06347; the
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -26,32 +28,44 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum() / m.sum().clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[count, Σx, Σx²]`` (float64) over the masked positions: summed over processes, they whiten a batch split
+    across processes as one (:func:`masked_whiten`'s ``moments``)."""
+    m = _check(mask, x).double()
+    x = x.double() * m
+    return torch.stack([m.sum(), x.sum(), (x * x).sum()])
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8,
+                  moments: torch.Tensor | None = None) -> torch.Tensor:
     """``(x − μ) / sqrt(σ² + eps)`` with μ and the Bessel-corrected σ² over masked positions (``shift_mean=False``
-    adds μ back: only the scale changes, as for rewards). Positions outside the mask are returned as 0."""
+    adds μ back: only the scale changes, as for rewards). ``moments``: :func:`masked_moments` of the whole batch
+    (e.g. summed over processes); default this tensor's. Positions outside the mask are returned as 0."""
     m = _check(mask, x)
-    n = m.sum()
+    n, total, squares = (masked_moments(x, mask) if moments is None else moments).tolist()
     if n < 2:
         raise ValueError("whitening needs at least 2 masked positions")
-    mean = (x * m).sum() / n
-    var = (((x - mean) ** 2) * m).sum() / (n - 1)
-    out = (x - mean) * torch.rsqrt(var + eps)
+    mean = total / n
+    var = max(squares - total * mean, 0.0) / (n - 1)
+    out = (x - mean) / math.sqrt(var + eps)
     return (out if shift_mean else out + mean) * m
 
 
 def kl_penalized_rewards(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
                          kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards ``r_t = −β (log π(o_t) − log π_ref(o_t))``, plus the sequence's score at its last real
-    token. Returns ``(rewards (B, T), kl (B, T))``; ``kl`` is the per-token k1 estimate (0 outside the mask)."""
+    token (the last masked position: a row may start with masked prompt positions). Returns ``(rewards (B, T),
+    kl (B, T))``; ``kl`` is the per-token k1 estimate (0 outside the mask)."""
     m = _check(mask, logps, ref_logps)
     if scores.shape != (mask.shape[0],):
         raise ValueError(f"scores must be (B,) = ({mask.shape[0]},), got {tuple(scores.shape)}")
-    lengths = mask.long().sum(dim=1)
-    if (lengths == 0).any():
+    real = mask.bool()
+    if not real.any(dim=1).all():
         raise ValueError("every completion needs at least one token")
+    last = mask.shape[1] - 1 - real.flip(1).int().argmax(dim=1)
     kl = (logps - ref_logps) * m
     rewards = -kl_coef * kl
-    rewards[torch.arange(mask.shape[0]), lengths - 1] += scores.to(rewards.dtype)
+    rewards[torch.arange(mask.shape[0]), last] += scores.to(rewards.dtype)
     return rewards, kl
 
 

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minift.config import ConfigError
 from minift.constants import DEFAULT_ADAPTER
 from minift.lora.adapters import atomic_directory, load_adapter, save_adapter
+from minift.lora.layers import set_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -63,26 +65,41 @@ def save_checkpoint(accelerator, output_dir: str | Path, weights: "Weights", opt
 
 class Weights:
     """What a stage trains and saves: the adapter named :data:`DEFAULT_ADAPTER` (PEFT format, in ``<dir>/adapter``)
-    or, for a full fine-tune, the whole model (``<dir>/model``)."""
+    or, for a full fine-tune, the whole model (``<dir>/model``); and any further trainable adapters
+    (``extra_adapters``, e.g. PPO's value adapter: ``<dir>/adapter_<name>``) and modules (``extra_modules``, e.g. a
+    value head: ``<dir>/<name>.safetensors``) a recipe adds."""
 
     def __init__(self, model: nn.Module, *, full: bool, base_model: str, parents: list[str]):
         self.model, self.full, self.base_model, self.parents = model, full, base_model, parents
         self.subdir = "model" if full else "adapter"
+        self.extra_adapters: list[str] = []
+        self.extra_modules: dict[str, nn.Module] = {}
 
     def save(self, out_dir: Path) -> Path:
+        """Everything trained, into ``out_dir``; returns the main part's directory."""
         if self.full:
             self.model.save_pretrained(out_dir / "model")
         else:
             save_adapter(self.model, out_dir / "adapter", adapter_name=DEFAULT_ADAPTER, base_model_name_or_path=self.base_model,
                          parents=self.parents)
+        for name in self.extra_adapters:
+            save_adapter(self.model, out_dir / f"adapter_{name}", adapter_name=name,
+                         base_model_name_or_path=self.base_model, parents=self.parents)
+        for name, module in self.extra_modules.items():
+            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(out_dir / f"{name}.safetensors"),
+                      metadata={"format": "pt"})
         return out_dir / self.subdir
 
     def load(self, checkpoint: Path) -> None:
         if not self.full:
             load_adapter(self.model, checkpoint / "adapter", adapter_name=DEFAULT_ADAPTER, trainable=True)
+            for name in self.extra_adapters:
+                load_adapter(self.model, checkpoint / f"adapter_{name}", adapter_name=name, trainable=True)
+            set_trainable(self.model, [DEFAULT_ADAPTER, *self.extra_adapters])  # each load made only itself trainable
+            for name, module in self.extra_modules.items():
+                module.load_state_dict(load_file(str(checkpoint / f"{name}.safetensors")))
+                module.requires_grad_(True)
             return
-        from safetensors.torch import load_file
-
         state = {}
         for file in sorted((checkpoint / "model").glob("*.safetensors")):
             state.update(load_file(str(file)))

@@ -15,7 +15,9 @@ from typing import Callable
 import torch
 
 from minift.constants import IGNORE_INDEX
+from minift.data.formats import normalize_all
 from minift.data.packing import collate_padded
+from minift.data.read import load_records
 from minift.losses import informative_groups
 from minift.train.rewards import Rewards
 from minift.train.sampling import Completion, SamplingParams, sample
@@ -43,6 +45,26 @@ class _Scored:
         return _Scored(self.completions + other.completions, self.owners + other.owners,
                        torch.cat([self.total, other.total]),
                        {name: v + other.values[name] for name, v in self.values.items()})
+
+
+def load_prompts(path: str, tokenizer, rewards: Rewards, *, max_length: int, fmt: str | None = None,
+                 skip_invalid: bool = False) -> tuple[list[dict], dict]:
+    """An online recipe's prompt records, with the fields the rewards need (checked, file:line) ->
+    ``{"input_ids", "prompt", "fields"}`` rows rendered with the chat template, and a report (prompts over
+    ``max_length`` tokens are dropped and counted)."""
+    records = load_records(path, "train")
+    rewards.check_records(records)
+    norm = normalize_all(records, "prompt", fmt=fmt, skip_invalid=skip_invalid)
+    rows, too_long = [], 0
+    for ex in norm.examples:
+        text = tokenizer.apply_chat_template(ex.messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_length:
+            too_long += 1
+            continue
+        prompt = ex.messages[0]["content"] if len(ex.messages) == 1 else ex.messages
+        rows.append({"input_ids": ids, "prompt": prompt, "fields": ex.extra})
+    return rows, {"prompts": len(rows), "dropped_too_long": too_long, "skipped_invalid": len(norm.skipped)}
 
 
 class Rollouts:
