@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 import os
 import random
 import select
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -250,6 +254,95 @@ def demo_chain(tiny_dir, tmp_path_factory, monkeypatch_session):
 def monkeypatch_session():
     with pytest.MonkeyPatch.context() as mp:
         yield mp
+
+
+# ----------------------------------------------------------------------------- online RL
+
+
+DEMO_PROMPTS = RECIPES / "data" / "demo_prompts.jsonl"
+
+
+@pytest.fixture(scope="session")
+def weak_sft(tiny_dir, tmp_path_factory):
+    """One deliberately weak SFT start for every RL test: the SFT demo cut to 5 epochs (about 15 s; 44% held-out
+    greedy exact match here, where the full demo reaches 94-95%)."""
+    sft = load_recipe("sft")
+    out = tmp_path_factory.mktemp("weak-sft")
+    with _ProcessState():
+        result = sft.main(sft.SFTConfig(output_dir=str(out), num_train_epochs=5.0, logging_steps=0))
+    assert 0.3 <= result["answer_accuracy"] <= 0.6, result
+    return out / "adapter", result["answer_accuracy"]
+
+
+def logged(out: Path, key: str = "loss") -> dict[int, float]:
+    """``{step: value}`` of one metric in a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+# ----------------------------------------------------------------------------- a scripted OpenAI-style server
+
+
+def chat_answer(text: str, top: dict[str, float] | None = None) -> dict:
+    """A chat-completions answer with ``text`` (and the first token's top log-probs, ``{token: probability}``)."""
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+    if top:
+        choice["logprobs"] = {"content": [{"token": text[:1], "logprob": 0.0, "top_logprobs": [
+            {"token": t, "logprob": math.log(p)} for t, p in top.items()]}]}
+    return {"choices": [choice]}
+
+
+class ChatServer:
+    """A scripted OpenAI-compatible chat endpoint on 127.0.0.1: ``reply(body) -> answer JSON``. ``answered`` counts
+    the answers it sent, ``bodies`` lists the requests answered. While ``hold()`` is true, requests are held
+    unanswered until ``gate`` is set (a client killed meanwhile never gets them, and they are not counted);
+    ``plan``: statuses to answer first (429 with Retry-After 0, or 500); ``stall``: seconds to wait before each
+    answer."""
+
+    def __init__(self, reply, *, hold=lambda: False, plan: list[int] = (), stall: float = 0.0):
+        self.reply, self.answered, self.bodies, self.hold, self.plan = reply, 0, [], hold, list(plan)
+        self.stall, self.lock, self.gate = stall, threading.Lock(), threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                server._respond(self, json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def _respond(self, handler, body: dict) -> None:
+        with self.lock:
+            status = self.plan.pop(0) if self.plan else 200
+            hold = status == 200 and self.hold()
+            if status == 200 and not hold:
+                self.answered += 1
+                self.bodies.append(json.dumps(body, sort_keys=True))
+        if hold:
+            self.gate.wait(60)
+            return  # never answered: the client was killed meanwhile
+        time.sleep(self.stall)
+        payload = self.reply(body) if status == 200 else {"error": {"message": "try later" if status == 429 else "boom"}}
+        data = json.dumps(payload).encode()
+        try:
+            handler.send_response(status)
+            if status == 429:
+                handler.send_header("Retry-After", "0")
+            handler.send_header("Content-Length", str(len(data)))
+            handler.end_headers()
+            handler.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def close(self) -> None:
+        self.gate.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 def start_server(*args: str, timeout: float = 180) -> tuple[subprocess.Popen, str]:

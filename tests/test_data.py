@@ -375,5 +375,5 @@ def test_demo_eval_is_held_out():
 
     eval_sets = word_sets(DATA / "demo_eval.jsonl")
     assert len(eval_sets) == 100
-    for name in ("demo_sft", "demo_preference", "demo_kto", "demo_prompts", "demo_reasoning"):
+    for name in ("demo_sft", "demo_preference", "demo_kto", "demo_prompts", "demo_reasoning", "demo_judge"):
         assert not eval_sets & word_sets(DATA / f"{name}.jsonl"), name

@@ -18,6 +18,8 @@ minift/model/tiny_corpus.txt (the tiny model's tokenizer corpus). Files written:
 - demo_kto.jsonl        2000 unpaired {"prompt", "completion", "label"} records, half correct.
 - demo_prompts.jsonl     4000 {"prompt", "answer"} records for online RL (answer goes to rewards; enough that
                          a run does not memorize them).
+- demo_judge.jsonl      4000 {"prompt", "completion"} records that teach a judge: minift.train.judges' pairwise
+                         question about a right and a wrong reversal (2000 pairs, both orders), answered A or B.
 - demo_reasoning.jsonl  2000 {"prompt", "completion", "answer"} records whose completion works
                          the reversal out step by step, then ends with "Answer: ...".
 
@@ -176,6 +178,20 @@ def make_kto(rng: random.Random, pool, vocab, n: int = 2000) -> list[dict]:
     return records
 
 
+def make_judge(rng: random.Random, pool, vocab, n: int = 2000) -> list[dict]:
+    """SFT records that teach a judge (``minift.train.judges.LocalJudge``): its pairwise question about a right and
+    a wrong reversal, answered with the letter of the right one; each pair asked in both orders."""
+    from minift.train.judges import PAIRWISE, RUBRIC
+
+    records = []
+    for words in rng.sample(pool, n):
+        right, wrong = answer(words), wrong_answer(rng, words, vocab)
+        for first, second, letter in ((right, wrong, "A"), (wrong, right, "B")):
+            question = PAIRWISE.format(rubric=RUBRIC, prompt=prompt(words), first=first, second=second)
+            records.append({"prompt": question, "completion": letter})
+    return records
+
+
 def write_jsonl(name: str, records: list[dict]) -> None:
     path = OUT_DIR / name
     with path.open("w", encoding="utf-8", newline="\n") as f:
@@ -188,7 +204,8 @@ def main() -> None:
     vocab = load_vocab()
     # One generator per purpose, so changing one file leaves the others byte-identical.
     eval_lists, pool = make_lists(random.Random(SEED), vocab)
-    rngs = {name: random.Random(SEED + i) for i, name in enumerate(["sft", "pref", "kto", "rl", "reason"], 1)}
+    rngs = {name: random.Random(SEED + i)
+            for i, name in enumerate(["sft", "pref", "kto", "rl", "reason", "judge"], 1)}
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     write_jsonl("demo_sft.jsonl", make_sft(rngs["sft"], pool))
     write_jsonl("demo_eval.jsonl", [{"prompt": prompt(w), "answer": answer(w)} for w in eval_lists])
@@ -203,6 +220,7 @@ def main() -> None:
         "demo_reasoning.jsonl",
         [{"prompt": prompt(w), "completion": reasoning(w), "answer": answer(w)} for w in reason_lists],
     )
+    write_jsonl("demo_judge.jsonl", make_judge(rngs["judge"], pool, vocab))
 
 
 if __name__ == "__main__":

@@ -130,3 +130,27 @@ def _reply_distribution(answer: dict, replies: tuple[str, ...]) -> torch.Tensor:
         raise ValueError(f"the judge replied {text[:80]!r}, which is none of {', '.join(replies)}; adjust the rubric "
                          f"or use a judge that follows the reply format")
     return torch.tensor([float(r == word) for r in replies], dtype=torch.float64)
+
+
+class JudgeReward:
+    """A judge as an online-RL reward (:class:`~minift.train.rewards.Rewards`) for groups of ``group_size``
+    completions of each prompt, laid out prompt-major as rollouts make them: each completion's score is its mean
+    probability of beating the other completions of its prompt (every pair compared in both orders), in [0, 1]."""
+
+    def __init__(self, judge: _Judge, group_size: int):
+        if group_size < 2:
+            raise ValueError("a pairwise judge needs at least 2 completions per prompt to compare")
+        self.judge, self.group_size, self.__name__ = judge, group_size, "judge"
+
+    def __call__(self, prompts: list, completions: list[str], **_) -> list[float]:
+        G = self.group_size
+        if len(completions) % G:
+            raise ValueError(f"{len(completions)} completions do not form groups of {G}")
+        pairs = [(g + i, g + j) for g in range(0, len(completions), G) for i in range(G) for j in range(i + 1, G)]
+        first_better = self.judge.compare([prompts[a] for a, _ in pairs], [completions[a] for a, _ in pairs],
+                                          [completions[b] for _, b in pairs])
+        wins = [0.0] * len(completions)
+        for (a, b), p in zip(pairs, first_better):
+            wins[a] += p
+            wins[b] += 1 - p
+        return [w / (G - 1) for w in wins]

@@ -1,0 +1,206 @@
+"""RL from AI feedback: a judge model compares the policy's own samples, and the policy learns from its verdicts.
+
+    accelerate launch recipes/sft.py --dataset_name_or_path recipes/data/demo_judge.jsonl --num_train_epochs 20 \\
+        --learning_rate 1e-3 --validation_split 0 --answer_eval_dataset none --output_dir out/judge
+    accelerate launch recipes/rlaif.py --init_adapter out/sft_weak/adapter --judge_model_name_or_path tiny \\
+        --judge_adapter out/judge/adapter
+    accelerate launch recipes/rlaif.py ... --mode grpo                        # the judge's scores as GRPO's reward
+    OPENAI_API_KEY=... accelerate launch recipes/rlaif.py ... --judge_api_base https://api.openai.com/v1 --judge_model gpt-4o-mini
+
+Each step samples ``num_generations`` (k >= 2) completions of each prompt; the judge (a local causal LM with a
+rubric, or any OpenAI-compatible endpoint) compares every two of a prompt's completions in both orders
+(:class:`minift.train.judges.JudgeReward`: each completion's mean probability of beating the others). ``--mode
+online_dpo`` trains DPO on each prompt's best vs worst completion, the reference being the start model (the
+trainable adapter disabled); ``--mode grpo`` feeds the scores to GRPO as its reward (recipes/grpo.py's options
+apply). Every ``eval_steps``, the judge compares the policy's greedy answers to held-out prompts with the start
+model's: ``eval_win_rate``, and with reference answers ``eval_true_win_rate`` (right beats wrong, a tie counts
+half). API judge calls are cached in ``output_dir/judge_cache``: a resumed run repeats none.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from dpo import dpo_step
+from grpo import GRPOBatches, GRPOConfig, grpo_step
+
+from minift.data.packing import collate_flat, pack_pairs
+from minift.infer.client import APIError, ChatClient
+from minift.lora.layers import disable_adapters
+from minift.model.load import load_tokenizer
+from minift.train.forward import SequenceLogprobs, TokenLogprobs
+from minift.train.generation import generate
+from minift.train.judges import RUBRIC, APIJudge, JudgeReward, LocalJudge
+from minift.train.pairs import PreferenceLoss, Reference
+from minift.train.rewards import Rewards, load_reward
+from minift.train.rollouts import Rollouts, load_prompts
+from minift.train.sampling import SamplingParams
+from minift.train.stage import Stage, run_recipe
+from minift.train.teacher import load_teacher
+
+MODES = ("online_dpo", "grpo")
+
+
+@dataclass
+class RLAIFConfig(GRPOConfig):
+    mode: str = field(default="online_dpo", metadata={"help": "online_dpo (best vs worst of each prompt) or grpo"})
+    judge_model_name_or_path: str | None = field(default=None, metadata={"help": "a local judge: model directory, "
+                                                                               "hub id or 'tiny'"})
+    judge_adapter: list[str] = field(default_factory=list, metadata={"help": "adapters folded into the local judge"})
+    judge_api_base: str | None = field(default=None, metadata={"help": "an API judge: an OpenAI-compatible endpoint"})
+    judge_model: str | None = field(default=None, metadata={"help": "the API judge's model name"})
+    judge_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable with the key"})
+    judge_concurrency: int = field(default=4, metadata={"help": "API judge calls in flight at most"})
+    judge_timeout: float = field(default=60.0, metadata={"help": "seconds per API judge call before a retry"})
+    judge_max_retries: int = field(default=4, metadata={"help": "retries of a failed API judge call"})
+    judge_max_calls: int | None = field(default=None, metadata={"help": "API judge budget (none: no limit)"})
+    judge_rubric: str = field(default=RUBRIC, metadata={"help": "what the judge is told to value"})
+    dpo_loss_type: str = field(default="sigmoid", metadata={"help": "online_dpo: a DPO loss type"})
+    dpo_beta: float = field(default=0.1, metadata={"help": "online_dpo: DPO's beta"})
+    num_generations: int = field(default=2, metadata={"help": "completions per prompt (k)"})
+    reward: list[str] = field(default_factory=list, metadata={"help": "rewards added to the judge's score (e.g. "
+                                                                      "think_format), comma-separated; none by default"})
+    reward_weights: list[float] | None = field(default=None, metadata={"help": "their weights (none given: 1 each; "
+                                                                                "the judge's is 1)"})
+    output_dir: str = "out/rlaif"
+    per_device_train_batch_size: int = 32
+    learning_rate: float = 5e-4
+    num_train_epochs: float = 1.0
+    eval_steps: int = 50
+
+    def check(self) -> None:
+        local, api = bool(self.judge_model_name_or_path), bool(self.judge_api_base)
+        checks = [(self.mode in MODES, f"mode must be online_dpo or grpo, got {self.mode!r}"),
+                  (local != api, "give one judge: --judge_model_name_or_path (local) or --judge_api_base with "
+                                 "--judge_model (an OpenAI-compatible endpoint)"),
+                  (not api or bool(self.judge_model), "judge_api_base needs judge_model"),
+                  (self.mode == "grpo" or self.lora_r > 0, "online DPO's reference is the start model, which a full "
+                                                           "fine-tune (lora_r 0) does not keep: train an adapter")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        PreferenceLoss(self.dpo_loss_type, self.dpo_beta)  # checks the loss type and beta
+
+
+def make_judge(cfg: RLAIFConfig, device):
+    """The configured judge: a frozen local LM (adapters folded in) or an API endpoint behind a cached client."""
+    if cfg.judge_api_base:
+        client = ChatClient(cfg.judge_api_base, cfg.judge_model, api_key_env=cfg.judge_api_key_env,
+                            timeout=cfg.judge_timeout, max_retries=cfg.judge_max_retries,
+                            concurrency=cfg.judge_concurrency, max_calls=cfg.judge_max_calls,
+                            cache_dir=Path(cfg.output_dir) / "judge_cache")
+        return APIJudge(client, cfg.judge_rubric)
+    tokenizer = load_tokenizer(cfg.judge_model_name_or_path)
+    model = load_teacher(cfg.judge_model_name_or_path, tokenizer, adapters=cfg.judge_adapter).to(device)
+    return LocalJudge(model, tokenizer, cfg.judge_rubric)
+
+
+class OnlineDPOBatches:
+    """``make(prompts, seeds, refill)``: k completions of each prompt, scored by the judge; each prompt's best and
+    worst completion become a preference pair, packed for :func:`dpo.dpo_step`."""
+
+    def __init__(self, cfg: RLAIFConfig, model, tokenizer, rewards: Rewards):
+        params = SamplingParams(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                                top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p)
+        self.rollouts = Rollouts(model, tokenizer, rewards, params, cfg.num_generations)
+        self.cfg, self.names, self.generating = cfg, [], 0.0
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[dict], seeds: list[int], refill=None) -> dict:
+        k = self.cfg.num_generations
+        batch, metrics = self.rollouts(prompts, seeds)
+        self.generating += metrics.pop("generate_s")
+        del metrics["rollout_s"]
+        scores = batch["rewards"].view(-1, k)
+        best, worst = scores.argmax(1), scores.argmin(1)
+        pairs = []
+        for i, (b, w) in enumerate(zip(best.tolist(), worst.tolist())):
+            sides = {}
+            for side, j in (("chosen", b), ("rejected", w)):
+                row = batch["input_ids"][i * k + j][batch["attention_mask"][i * k + j].bool()].tolist()
+                labels = batch["labels"][i * k + j][: len(row)].tolist()
+                sides.update({f"{side}_input_ids": row, f"{side}_labels": labels})
+            pairs.append({**sides, "index": i})
+        metrics["score_margin"] = (scores.max(1).values - scores.min(1).values).mean().item()
+        rows, _ = pack_pairs(pairs, max(len(p["chosen_input_ids"]) + len(p["rejected_input_ids"]) for p in pairs))
+        out = collate_flat(rows)
+        out["pair_index"] = torch.arange(len(pairs))
+        self.names = list(metrics)
+        out["metrics"] = torch.tensor(list(metrics.values()), dtype=torch.float64)
+        return out
+
+
+def win_rate(accelerator, model, tokenizer, judge, held_out: list[dict], max_new_tokens: int, adapter: str) -> dict:
+    """The judge's mean P(policy beats start model) on held-out prompts (greedy answers), and with reference answers
+    the true win rate (right beats wrong; a tie counts half). Each process takes a share; sums over processes."""
+    mine = held_out[accelerator.process_index::accelerator.num_processes]
+    sums = torch.zeros(3, dtype=torch.float64)
+    if mine:
+        ids = [p["input_ids"] for p in mine]
+        policy = tokenizer.batch_decode(generate(model, tokenizer, ids, max_new_tokens=max_new_tokens),
+                                        skip_special_tokens=True)
+        with disable_adapters(model, [adapter]):
+            start = tokenizer.batch_decode(generate(model, tokenizer, ids, max_new_tokens=max_new_tokens),
+                                           skip_special_tokens=True)
+        judged = judge.compare([p["prompt"] for p in mine], [t.strip() for t in policy], [t.strip() for t in start])
+        truth = [0.5 + 0.5 * ((a.strip() == p["fields"]["answer"]) - (b.strip() == p["fields"]["answer"]))
+                 for a, b, p in zip(policy, start, mine) if "answer" in p["fields"]]
+        sums += torch.tensor([sum(judged), sum(truth), len(mine)], dtype=torch.float64)
+    total = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
+    rate = (total[0] / total[2]).item()
+    out = {"eval_loss": 1.0 - rate, "eval_win_rate": rate}
+    if held_out and "answer" in held_out[0]["fields"]:
+        out["eval_true_win_rate"] = (total[1] / total[2]).item()
+    return out
+
+
+def main(cfg: RLAIFConfig) -> dict:
+    stage = Stage(cfg, "rlaif", unit="completions")
+    accelerator, tokenizer = stage.accelerator, stage.load_tokenizer()
+    extra = [load_reward(s, max_completion_length=cfg.max_completion_length) for s in cfg.reward]
+    judge = make_judge(cfg, accelerator.device)
+    rewards = Rewards([("judge", JudgeReward(judge, cfg.num_generations)), *extra], [1.0, *(cfg.reward_weights or
+                                                                                             [1.0] * len(extra))])
+    prompts, data_report = load_prompts(cfg.dataset_name_or_path, tokenizer, rewards, max_length=cfg.max_seq_length,
+                                        fmt=cfg.dataset_format, skip_invalid=cfg.skip_invalid)
+    held_out = load_prompts(cfg.answer_eval_dataset, tokenizer, Rewards(rewards.functions[:1]),
+                            max_length=cfg.max_seq_length)[0] if cfg.answer_eval_dataset else []
+    model = stage.load_model()
+    per_device = cfg.per_device_train_batch_size // cfg.num_generations
+    if cfg.mode == "grpo":
+        logps_model = TokenLogprobs(model)
+        make = GRPOBatches(cfg, logps_model, tokenizer, rewards, stage.adapter_name)
+        repeats = cfg.num_iterations
+    else:
+        logps_model = SequenceLogprobs(model)
+        make, repeats = OnlineDPOBatches(cfg, model, tokenizer, rewards), 1
+        reference = Reference(logps_model, stage.adapter_name)
+        preference = PreferenceLoss(cfg.dpo_loss_type, cfg.dpo_beta)
+    batches = stage.online_batches(prompts, make, per_device=per_device, repeats=repeats)
+    evaluate = (lambda _: win_rate(accelerator, model, tokenizer, judge, held_out, cfg.max_completion_length,
+                                   stage.adapter_name)) if held_out else None
+    wrapper = stage.prepare(logps_model, batches, evaluate=evaluate)
+    stage.resume()
+    world = accelerator.num_processes
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+    clock = time.perf_counter()
+    for window in stage.steps():
+        if cfg.mode == "grpo":
+            loss, record = grpo_step(accelerator, wrapper, cfg, window, make.names)
+        else:
+            rollout = [b.pop("metrics") for b in window]
+            record = dpo_step(accelerator, wrapper, reference, preference, window, per_step // cfg.num_generations)
+            means = accelerator.reduce(torch.stack(rollout).mean(0).to(accelerator.device), "mean").tolist()
+            record.update(zip(make.names, means))
+            loss = record["loss"]
+        record["generate_share"], make.generating = make.generating / (time.perf_counter() - clock), 0.0
+        clock = time.perf_counter()
+        stage.update(loss, record, units=per_step)
+    return stage.finish(data=data_report)
+
+
+if __name__ == "__main__":
+    run_recipe(main, RLAIFConfig, __doc__, errors=(APIError,))
