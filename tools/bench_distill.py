@@ -11,7 +11,7 @@ backward, clipping 1.0, AdamW.
 
 Sides, each alone in a fresh process, ``--reps`` times in A B B A order:
 - ``minift``: recipes/distill.py's step: the teacher's final hidden states at the trained positions only, then
-  ``DistillLoss`` (``chunked_distill_loss`` through both heads, 256 positions a chunk, the gradient taken in the
+  ``DistillLoss`` (``chunked_distill_loss`` through both heads, 64 positions a chunk, the gradient taken in the
   forward) through recipes/sft.py's ``sft_step``;
 - ``naive``: ``model(...).logits`` of both models (``(4, 512, 32000)`` each), the trained positions selected,
   ``distill_divergence`` on them, backward through the student's logits;
@@ -120,14 +120,15 @@ def cache_bytes() -> tuple[int, int, int]:
     from bench_common import bench_accelerator
 
     from minift.data.packing import collate_padded
-    from minift.train.teacher import Teacher, TopKCache
+    from minift.train.teacher import Teacher, TopKCache, teacher_key
 
     model = build_sft_model(TEACHER, seed=1).eval().requires_grad_(False)
     rows = [{"input_ids": b["input_ids"][0].tolist(), "labels": b["labels"][0].tolist()} for b in make_batches(ROWS)]
     accelerator = bench_accelerator()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "top.safetensors"
-        TopKCache.load_or_compute(path, "bench", accelerator, Teacher(model, autocast), {"train": rows},
+        key = teacher_key({"train": rows}, teacher=None, adapters=[], dtype=precision(), k=TOP_K)
+        TopKCache.load_or_compute(path, key, accelerator, Teacher(model, autocast), {"train": rows},
                                   lambda r: collate_padded(r, 0), TOP_K, SFT_MODEL["vocab_size"], ROWS)
         size = path.stat().st_size
     positions = sum(sum(label != -100 for label in r["labels"][1:]) for r in rows)
