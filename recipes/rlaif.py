@@ -62,7 +62,7 @@ class RLAIFConfig(GRPOConfig):
     dpo_beta: float = field(default=0.1, metadata={"help": "online_dpo: DPO's beta"})
     num_generations: int = field(default=2, metadata={"help": "completions per prompt (k)"})
     reward: list[str] = field(default_factory=list, metadata={"help": "rewards added to the judge's score (e.g. "
-                                                                      "think_format), comma-separated; none by default"})
+                                                                      "think_format), comma-separated"})
     reward_weights: list[float] | None = field(default=None, metadata={"help": "their weights (none given: 1 each; "
                                                                                 "the judge's is 1)"})
     output_dir: str = "out/rlaif"

@@ -18,12 +18,14 @@ RECIPES = ROOT / "recipes"
 
 @pytest.mark.parametrize("recipe,config", [("sft", "SFTConfig"), ("dpo", "DPOConfig"), ("kto", "KTOConfig"),
                                            ("sft_dpo", "ChainConfig"), ("grpo", "GRPOConfig"),
-                                           ("reward_model", "RewardConfig")])
+                                           ("reward_model", "RewardConfig"), ("distill", "DistillConfig"),
+                                           ("cot_distill", "CoTConfig"), ("ppo", "PPOConfig"),
+                                           ("rlaif", "RLAIFConfig")])
 def test_every_recipe_option_has_a_help_text_and_one_default(recipe, config, monkeypatch, capsys):
     """Each flag of ``--help`` says what it is and states its default once, as a value (never "(computed)")."""
     from minift.config import parse_config
 
-    monkeypatch.syspath_prepend(str(RECIPES))  # sft_dpo.py imports its sibling recipes
+    monkeypatch.syspath_prepend(str(RECIPES))  # sft_dpo.py and the distillation recipes import their siblings
     cls = getattr(load_recipe(recipe), config)
     with pytest.raises(SystemExit) as exit_:
         parse_config(cls, ["--help"])
@@ -44,7 +46,7 @@ def test_bench_help_works():
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--help"], capture_output=True,
                           text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for case in ("lora", "data", "sft", "dpo", "gguf", "serve", "grpo"):
+    for case in ("lora", "data", "sft", "dpo", "gguf", "serve", "grpo", "distill", "ppo"):
         assert case in proc.stdout
 
 

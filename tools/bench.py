@@ -56,6 +56,16 @@ grpo  ``python tools/bench.py grpo [--part rollout|step|all] [--steps 3] [--warm
       >= 2.0x new tokens/s; ms per decode step of both). ``step``: recipes/grpo.py's whole step (generation,
       log-probs, update) against trl's GRPOTrainer (use_vllm off, beta 0; goals <= 0.67x step time, peak RSS
       growth <= trl's), with the share of each step spent generating; see ``tools/bench_grpo.py``.
+distill ``python tools/bench.py distill [--steps 4] [--warmup 1] [--reps 2] [--threads 2]``
+      Logit distillation of model A (LoRA r16) from a frozen 16-layer model A, 4 x 512 tokens a step, each side in
+      fresh processes: recipes/distill.py's chunked step against the naive full-logits step (goals: peak RSS growth
+      <= 0.5x at >= 1.0x the speed), and a top-20 teacher file against dense fp16 logits (goal <= 1/100 the
+      bytes); see ``tools/bench_distill.py``.
+ppo   ``python tools/bench.py ppo [--steps 3] [--warmup 1] [--reps 2] [--threads 2]``
+      A whole PPO step (recipes/ppo.py: rollouts, policy / value / reference passes, one update) against a whole
+      GRPO step on the GRPO case's rollouts (model A, 4 prompts x 8 completions of 128 tokens), each side in fresh
+      processes: goals <= 1.5x the time and <= 1.2x the peak RSS growth with the value adapter; the shared value
+      head as information; see ``tools/bench_ppo.py``.
 """
 
 from __future__ import annotations
@@ -70,10 +80,12 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_data  # noqa: E402  (sibling files: tools/ is not a package)
+import bench_distill  # noqa: E402
 import bench_dpo  # noqa: E402
 import bench_gguf  # noqa: E402
 import bench_grpo  # noqa: E402
 import bench_lora  # noqa: E402
+import bench_ppo  # noqa: E402
 import bench_serve  # noqa: E402
 import bench_sft  # noqa: E402
 
@@ -81,7 +93,8 @@ import bench_sft  # noqa: E402
 
 # case name -> its module (tools/bench_<case>.py), with ``add_arguments(parser)`` and ``run(args) -> passed``
 CASES = {"lora": bench_lora, "data": bench_data, "sft": bench_sft, "dpo": bench_dpo, "gguf": bench_gguf,
-         "serve": bench_serve, "grpo": bench_grpo}
+         "serve": bench_serve, "grpo": bench_grpo, "distill": bench_distill,
+         "ppo": bench_ppo}
 
 
 def machine_line() -> str:
