@@ -71,8 +71,8 @@ class PPOConfig(RolloutSection, DataSection, TrainConfig):
     dataset_name_or_path: str = str(DEMO_DATA)
     output_dir: str = "out/ppo"
     # The demo: from the weak SFT start (45% held-out exact match), 64 prompts a rollout batch, two PPO epochs over
-    # each, exact-match reward: 66% after 24 passes over the 4,000 demo prompts. In sweeps: one PPO epoch 52-56%
-    # (16 passes; KL coefficient .05 or .01, lr 1e-3 to 3e-3), four 59%, two over 16 passes 62%.
+    # each, exact-match reward: 62% after 24 passes over the 4,000 demo prompts (66% in a one-thread run). In sweeps:
+    # one PPO epoch 52-56% (16 passes; KL coefficient .05 or .01, lr 1e-3 to 3e-3), four 59%, two over 16 passes 62%.
     per_device_train_batch_size: int = 64
     learning_rate: float = 2e-3
     num_train_epochs: float = 24.0

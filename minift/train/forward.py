@@ -152,7 +152,8 @@ class DistillLoss(CausalLMLoss):
     def __init__(self, model: nn.Module, teacher_head: nn.Linear | None, *, beta: float, temperature: float,
                  vocab_size: int, chunk_size: int = 64):
         super().__init__(model, chunk_size)
-        self.teacher_head = None if teacher_head is None else (teacher_head.weight, teacher_head.bias)  # a tuple: unregistered
+        # a tuple, not a submodule: the teacher's head stays out of what DDP / FSDP wrap
+        self.teacher_head = None if teacher_head is None else (teacher_head.weight, teacher_head.bias)
         self.beta, self.temperature, self.vocab_size = beta, temperature, vocab_size
 
     def forward(self, teacher_hidden=None, teacher_ids=None, teacher_logps=None, beta: float | None = None,
