@@ -25,11 +25,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from sft import DATA, SFTConfig
 from sft import main as sft
 
-from minift.config import ConfigError
+from minift.config import ConfigError, require
 from minift.data.encode import set_chat_template
 from minift.data.formats import normalize_all
 from minift.data.read import RecordError, load_records
@@ -89,9 +88,7 @@ class CoTConfig(SFTConfig):
                    "num_samples > 1 needs teacher_temperature > 0: greedy answers would all be the same"),
                   (self.teacher_concurrency >= 1 and self.teacher_timeout > 0 and self.teacher_max_retries >= 0,
                    "teacher_concurrency must be >= 1, teacher_timeout > 0 and teacher_max_retries >= 0")]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        require(checks)
         try:
             pattern = re.compile(self.answer_pattern, re.M)
         except re.error as err:
@@ -128,38 +125,33 @@ def teacher_outputs(cfg: CoTConfig, accelerator, prompts: list[dict]) -> tuple[l
     options = {"temperature": cfg.teacher_temperature, "max_tokens": cfg.teacher_max_new_tokens}
     who = ([cfg.teacher_api_base, cfg.teacher_model] if cfg.teacher_api_base
            else [teacher_identity(cfg.teacher_model_name_or_path, cfg.teacher_adapter, cfg.teacher_dtype)])
-    jobs = [(i, j, cache_key(who, options, cfg.teacher_prompt.format(prompt=p["prompt"]), j))
-            for i, p in enumerate(prompts) for j in range(cfg.num_samples)]
-    todo = [job for job in jobs if job[2] not in cache][accelerator.process_index::accelerator.num_processes]
-    asked = [cfg.teacher_prompt.format(prompt=prompts[i]["prompt"]) for i, _, _ in todo]
-    if cfg.teacher_api_base and todo:
+    jobs = [(i, j, cfg.teacher_prompt.format(prompt=p["prompt"])) for i, p in enumerate(prompts)
+            for j in range(cfg.num_samples)]
+    keys = [cache_key(who, options, asked, j) for _, j, asked in jobs]
+
+    def ask_api(todo: list[int], add) -> None:
         client = ChatClient(cfg.teacher_api_base, cfg.teacher_model, api_key_env=cfg.teacher_api_key_env,
                             timeout=cfg.teacher_timeout, max_retries=cfg.teacher_max_retries,
-                            concurrency=cfg.teacher_concurrency,
-                            max_calls=cfg.teacher_max_calls)
-        requests = [([{"role": "user", "content": q}], {**options, "seed": j}) for q, (_, j, _) in zip(asked, todo)]
-        # each answer is written down as it arrives: a kill loses only the calls in flight
-        client.chat_many(requests, on_answer=lambda k, answer: cache.add(todo[k][2],
-                                                                          answer["choices"][0]["message"]["content"]))
-    elif todo:
+                            concurrency=cfg.teacher_concurrency, max_calls=cfg.teacher_max_calls)
+        requests = [([{"role": "user", "content": jobs[k][2]}], {**options, "seed": jobs[k][1]}) for k in todo]
+        client.chat_many(requests, on_answer=lambda n, answer: add(todo[n], answer["choices"][0]["message"]["content"]))
+
+    def ask_local(todo: list[int], add) -> None:
         tokenizer = load_tokenizer(cfg.teacher_model_name_or_path)
         teacher = load_teacher(cfg.teacher_model_name_or_path, tokenizer, adapters=cfg.teacher_adapter,
                                dtype=cfg.teacher_dtype).to(accelerator.device)
         set_chat_template(tokenizer, cfg.chat_template)
-        ids = [render(tokenizer, q) for q in asked]
         for at in range(0, len(todo), 64):
+            chunk = todo[at: at + 64]
             params = [SamplingParams(max_new_tokens=cfg.teacher_max_new_tokens, temperature=cfg.teacher_temperature,
-                                     seed=row_seed(cfg.seed, i, j)) for i, j, _ in todo[at: at + 64]]
-            for (_, _, key), c in zip(todo[at: at + 64], sample(teacher, tokenizer, ids[at: at + 64], params)):
-                cache.add(key, c.text)
-        del teacher
-    accelerator.wait_for_everyone()
-    cache.reload()
+                                     seed=row_seed(cfg.seed, jobs[k][0], jobs[k][1])) for k in chunk]
+            for k, c in zip(chunk, sample(teacher, tokenizer, [render(tokenizer, jobs[k][2]) for k in chunk], params)):
+                add(k, c.text)
+
+    made = cache.fill(keys, accelerator, ask_api if cfg.teacher_api_base else ask_local)
     outputs = [[] for _ in prompts]
-    for i, _, key in jobs:
+    for (i, _, _), key in zip(jobs, keys):
         outputs[i].append(cache[key])
-    made = torch.tensor(float(len(todo)), device=accelerator.device)
-    made = int(accelerator.reduce(made, "sum").item())
     return outputs, {"teacher_calls": made, "teacher_cached": len(jobs) - made}
 
 

@@ -26,16 +26,24 @@ from pathlib import Path
 import torch
 from sft import SFTConfig, build_data, sft_step
 
-from minift.config import ConfigError
-from minift.constants import IGNORE_INDEX
+from minift.config import require
 from minift.data.packing import collate_flat, collate_padded, pack_examples
 from minift.model.vocab import shared_vocabulary
 from minift.train.forward import CausalLMLoss, DistillLoss
 from minift.train.generation import answer_metrics
-from minift.train.jsonl_cache import JsonlCache, cache_key
 from minift.train.sampling import SamplingParams, row_seed, sample
 from minift.train.stage import Stage, run_recipe
-from minift.train.teacher import Teacher, TopKCache, load_teacher, plain_head, teacher_identity, teacher_key
+from minift.train.teacher import (
+    Teacher,
+    TopKCache,
+    load_teacher,
+    plain_head,
+    prompt_of,
+    teacher_completions,
+    teacher_identity,
+    teacher_key,
+    with_completion,
+)
 
 MODES = ("offline", "on_policy", "sequence")
 
@@ -74,47 +82,13 @@ class DistillConfig(SFTConfig):
                                                                       "other modes score new completions"),
                   (self.train_on == "completion" or self.mode == "offline",
                    "on_policy and sequence modes need prompts: train_on must be completion")]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        require(checks)
         if self.teacher_cache and not self.teacher_model_name_or_path and not Path(self.teacher_cache).is_file():
             raise FileNotFoundError(f"teacher_cache {self.teacher_cache} does not exist; give "
                                     f"--teacher_model_name_or_path to write it first")
         for adapter in self.teacher_adapter:
             if not Path(adapter).is_dir():
                 raise FileNotFoundError(f"teacher_adapter {adapter} does not exist")
-
-
-def prompt_of(row: dict) -> list[int]:
-    """The tokens before an encoded example's first trained token: its prompt."""
-    start = next(i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX)
-    if start == 0:
-        raise ConfigError("an example has no prompt (a plain text record?): on_policy and sequence modes complete "
-                          "prompts; use prompt / completion or conversation records")
-    return row["input_ids"][:start]
-
-
-def with_completion(prompt: list[int], completion: list[int]) -> dict:
-    return {"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion}
-
-
-def teacher_generations(cfg: DistillConfig, stage: Stage, teacher, rows: list[dict]) -> list[dict]:
-    """Sequence-level KD's data: each example's prompt with the teacher's greedy completion, generated once (each
-    process a share) and cached in ``output_dir/teacher_generations.jsonl``."""
-    accelerator, tokenizer = stage.accelerator, stage.tokenizer
-    cache = JsonlCache(Path(cfg.output_dir) / "teacher_generations.jsonl", accelerator.process_index)
-    who = [teacher_identity(cfg.teacher_model_name_or_path, cfg.teacher_adapter, cfg.teacher_dtype),
-           cfg.max_completion_length]
-    keys = [cache_key(who, prompt_of(row)) for row in rows]
-    todo = [i for i, key in enumerate(keys) if key not in cache][accelerator.process_index::accelerator.num_processes]
-    params = SamplingParams(max_new_tokens=cfg.max_completion_length)
-    for start in range(0, len(todo), 64):
-        chunk = todo[start: start + 64]
-        for i, c in zip(chunk, sample(teacher, tokenizer, [prompt_of(rows[i]) for i in chunk], params)):
-            cache.add(keys[i], c.token_ids)
-    accelerator.wait_for_everyone()
-    cache.reload()
-    return [with_completion(prompt_of(row), cache[key]) for row, key in zip(rows, keys)]
 
 
 class OnPolicyBatches:
@@ -154,7 +128,9 @@ def main(cfg: DistillConfig) -> dict:
                                  ).to(accelerator.device) if cfg.teacher_model_name_or_path else None
     teacher = Teacher(teacher_model, accelerator.autocast)
     if cfg.mode == "sequence":
-        train = teacher_generations(cfg, stage, teacher_model, train)
+        identity = teacher_identity(cfg.teacher_model_name_or_path, cfg.teacher_adapter, cfg.teacher_dtype)
+        train = teacher_completions(teacher_model, tokenizer, train, Path(cfg.output_dir) / "teacher_generations.jsonl",
+                                    accelerator, identity, cfg.max_completion_length)
     rows = {"train": train, "eval": held_out}
     if packed:
         rows = {split: pack_examples(r, cfg.max_seq_length)[0] if r else [] for split, r in rows.items()}

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from minift.config import DataSection, TrainConfig
 from minift.data.encode import encode_preferences
 from minift.data.formats import normalize_all
 from minift.data.read import train_eval_records
 from minift.lora.layers import disable_adapters
+from minift.sections import DataSection, TrainConfig
 from minift.train.forward import SequenceLogprobs
 from minift.train.pairs import (
     METRICS,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from minift.config import DataSection, RolloutSection, TrainConfig
+from minift.config import require
 from minift.constants import IGNORE_INDEX
 from minift.lora.layers import disable_adapters
 from minift.losses import (
@@ -32,10 +32,10 @@ from minift.losses import (
     rloo_advantages,
     rloo_rewards,
 )
+from minift.sections import DataSection, RolloutSection, TrainConfig
 from minift.train.forward import TokenLogprobs
 from minift.train.rewards import Rewards, load_reward
-from minift.train.rollouts import Rollouts, load_prompts
-from minift.train.sampling import SamplingParams
+from minift.train.rollouts import Rollouts, load_prompts, rollout_params
 from minift.train.stage import Stage, run_recipe
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -85,9 +85,7 @@ class GRPOConfig(RolloutSection, DataSection, TrainConfig):
                    f"a checkpoint inside a rollout batch's updates could not be resumed exactly"),
                   (self.beta == 0 or self.lora_r > 0, "beta > 0 compares with the start model, which a full "
                                                       "fine-tune (lora_r 0) does not keep: train an adapter")]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        require(checks)
 
 
 class GRPOBatches:
@@ -96,9 +94,7 @@ class GRPOBatches:
     the rollout metrics as one tensor (``names`` label it)."""
 
     def __init__(self, cfg: GRPOConfig, logps_model: TokenLogprobs, tokenizer, rewards: Rewards, adapter: str | None):
-        params = SamplingParams(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                                top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p)
-        self.rollouts = Rollouts(logps_model.model, tokenizer, rewards, params, cfg.num_generations,
+        self.rollouts = Rollouts(logps_model.model, tokenizer, rewards, rollout_params(cfg), cfg.num_generations,
                                  dynamic_sampling=cfg.dynamic_sampling, max_refills=cfg.max_refills)
         self.cfg, self.logps_model, self.adapter, self.names, self.generating = cfg, logps_model, adapter, [], 0.0
 

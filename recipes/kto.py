@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from minift.config import DataSection, TrainConfig
 from minift.constants import IGNORE_INDEX
 from minift.data.encode import encode_unpaired
 from minift.data.formats import normalize_all
 from minift.data.read import train_eval_records
 from minift.losses import kto_loss
+from minift.sections import DataSection, TrainConfig
 from minift.train.forward import SequenceLogprobs
 from minift.train.pairs import Reference, collate_pairs, pair_logps, reference_key
 from minift.train.stage import Stage, run_recipe

@@ -24,11 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from minift.config import DataSection, RolloutSection, TrainConfig
-from minift.constants import DEFAULT_ADAPTER, IGNORE_INDEX
-from minift.lora.layers import apply_lora, disable_adapters, set_trainable
+from minift.config import require
+from minift.constants import IGNORE_INDEX
 from minift.losses import (
     AdaptiveKLController,
     gae_advantages,
@@ -38,15 +36,14 @@ from minift.losses import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from minift.train.forward import TokenLogprobs
+from minift.sections import DataSection, RolloutSection, TrainConfig
 from minift.train.rewards import Rewards, load_reward
-from minift.train.rollouts import Rollouts, load_prompts
-from minift.train.sampling import SamplingParams
+from minift.train.rollouts import Rollouts, load_prompts, rollout_params
 from minift.train.setup import lora_config_from
 from minift.train.stage import Stage, run_recipe
+from minift.train.value import PolicyValue, add_value_function
 
 DATA = Path(__file__).resolve().parent / "data"
-VALUE_ADAPTER = "value"
 
 
 @dataclass
@@ -95,53 +92,12 @@ class PPOConfig(RolloutSection, DataSection, TrainConfig):
                   (self.save_steps % self.updates == 0,
                    f"save_steps ({self.save_steps}) must be a multiple of ppo_epochs x num_minibatches ({self.updates}):"
                    f" a checkpoint inside a rollout batch's updates could not be resumed exactly")]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        require(checks)
 
     @property
     def updates(self) -> int:
         """Optimizer steps per rollout batch."""
         return self.ppo_epochs * self.num_minibatches
-
-
-class PolicyValue(nn.Module):
-    """One forward for a PPO update: the policy's per-token log-probs and the values ``(B, T - 1)``, both laid out as
-    :class:`~minift.train.forward.TokenLogprobs` lays them out (position t: token t + 1; the value of the state
-    after token t), 0 where the labels are ignored. ``value_adapter`` None: the value head reads the policy's own
-    final hidden states (one pass); else the value pass runs the base with that adapter instead of the policy's."""
-
-    def __init__(self, model: nn.Module, value_adapter: str | None):
-        super().__init__()
-        self.logps, self.value_adapter = TokenLogprobs(model), value_adapter
-        self.model = model
-
-    def _off(self, names: list[str]):
-        return disable_adapters(self.model, names) if names else contextlib.nullcontext()
-
-    def policy_only(self):
-        """The model as the policy alone (the value adapter off): for sampling and greedy evaluation."""
-        return self._off([self.value_adapter] if self.value_adapter else [])
-
-    def forward(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        labelled = labels[:, 1:] != IGNORE_INDEX
-        with self.policy_only():
-            hidden, targets = self.logps.labelled_hidden(batch)
-            logps = self.logps.labelled_logps(batch, (hidden, targets))
-        if self.value_adapter:
-            with self._off([DEFAULT_ADAPTER]):
-                hidden, _ = self.logps.labelled_hidden(batch)
-        head = self.model.value_head
-        values = head(hidden.to(head.weight.dtype)).squeeze(-1).float()
-        zeros = logps.new_zeros(labelled.shape)
-        return zeros.masked_scatter(labelled, logps), zeros.masked_scatter(labelled, values)
-
-    @torch.no_grad()
-    def reference(self, input_ids, attention_mask, labels) -> torch.Tensor:
-        """The start model's per-token log-probs: every trainable adapter off."""
-        with disable_adapters(self.model, [DEFAULT_ADAPTER] + ([self.value_adapter] if self.value_adapter else [])):
-            return self.logps(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
 
 class PPOBatches:
@@ -151,9 +107,7 @@ class PPOBatches:
 
     def __init__(self, cfg: PPOConfig, model: PolicyValue, tokenizer, rewards: Rewards, kl: AdaptiveKLController,
                  reduce):
-        params = SamplingParams(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                                top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p)
-        self.rollouts = Rollouts(model.model, tokenizer, rewards, params, 1)
+        self.rollouts = Rollouts(model.model, tokenizer, rewards, rollout_params(cfg), 1)
         self.cfg, self.model, self.kl, self.reduce, self.names, self.generating = cfg, model, kl, reduce, [], 0.0
 
     @torch.no_grad()
@@ -237,15 +191,8 @@ def main(cfg: PPOConfig) -> dict:
     prompts, data_report = load_prompts(cfg.dataset_name_or_path, tokenizer, rewards, max_length=cfg.max_seq_length,
                                         fmt=cfg.dataset_format, skip_invalid=cfg.skip_invalid)  # before weights load
     model = stage.load_model()
-    value_adapter = VALUE_ADAPTER if cfg.value_model == "adapter" else None
-    if value_adapter:  # a second adapter on the same base: the value function's own trunk
-        apply_lora(model, lora_config_from(cfg), adapter_name=value_adapter)
-        set_trainable(model, [DEFAULT_ADAPTER, value_adapter])
-        stage.weights.extra_adapters.append(value_adapter)
-    model.value_head = nn.Linear(model.config.get_text_config().hidden_size, 1, dtype=torch.float32)
-    nn.init.zeros_(model.value_head.weight), nn.init.zeros_(model.value_head.bias)
-    stage.weights.extra_modules["value_head"] = model.value_head
-    policy_value = PolicyValue(model, value_adapter)
+    policy_value = add_value_function(model, stage.weights, lora_config_from(cfg) if cfg.value_model == "adapter"
+                                      else None)
     kl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
     make = PPOBatches(cfg, policy_value, tokenizer, rewards, kl,
                       lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu())

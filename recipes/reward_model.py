@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minift.config import DataSection, TrainConfig
 from minift.data.formats import normalize_all
 from minift.data.packing import collate_padded
 from minift.data.read import train_eval_records
 from minift.losses import reward_model_loss
+from minift.sections import DataSection, TrainConfig
 from minift.train.rewards import reward_text
 from minift.train.stage import Stage, run_recipe
 

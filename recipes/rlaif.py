@@ -27,6 +27,7 @@ import torch
 from dpo import dpo_step
 from grpo import GRPOBatches, GRPOConfig, grpo_step
 
+from minift.config import require
 from minift.data.packing import collate_flat, pack_pairs
 from minift.infer.client import APIError, ChatClient
 from minift.lora.layers import disable_adapters
@@ -36,8 +37,7 @@ from minift.train.generation import generate
 from minift.train.judges import RUBRIC, APIJudge, JudgeReward, LocalJudge
 from minift.train.pairs import PreferenceLoss, Reference
 from minift.train.rewards import Rewards, load_reward
-from minift.train.rollouts import Rollouts, load_prompts
-from minift.train.sampling import SamplingParams
+from minift.train.rollouts import Rollouts, load_prompts, rollout_params
 from minift.train.stage import Stage, run_recipe
 from minift.train.teacher import load_teacher
 
@@ -79,9 +79,7 @@ class RLAIFConfig(GRPOConfig):
                   (not api or bool(self.judge_model), "judge_api_base needs judge_model"),
                   (self.mode == "grpo" or self.lora_r > 0, "online DPO's reference is the start model, which a full "
                                                            "fine-tune (lora_r 0) does not keep: train an adapter")]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        require(checks)
         PreferenceLoss(self.dpo_loss_type, self.dpo_beta)  # checks the loss type and beta
 
 
@@ -103,9 +101,7 @@ class OnlineDPOBatches:
     worst completion become a preference pair, packed for :func:`dpo.dpo_step`."""
 
     def __init__(self, cfg: RLAIFConfig, model, tokenizer, rewards: Rewards):
-        params = SamplingParams(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                                top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p)
-        self.rollouts = Rollouts(model, tokenizer, rewards, params, cfg.num_generations)
+        self.rollouts = Rollouts(model, tokenizer, rewards, rollout_params(cfg), cfg.num_generations)
         self.cfg, self.names, self.generating = cfg, [], 0.0
 
     @torch.no_grad()

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from minift.config import DataSection, TrainConfig
 from minift.data.encode import encode_sft
 from minift.data.formats import normalize_all
 from minift.data.packing import collate_flat, collate_padded, pack_examples
 from minift.data.read import train_eval_records
+from minift.sections import DataSection, TrainConfig
 from minift.train.forward import CausalLMLoss, evaluate, trained_tokens
 from minift.train.stage import Stage, run_recipe
 

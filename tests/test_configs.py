@@ -66,11 +66,11 @@ def test_config_mistakes_that_used_to_pass_fail_before_anything_loads(tmp_path, 
         "file": (["--output_dir", str(a_file)], f"command line: output_dir {a_file} is a file, not a directory"),
         "seq 0": (["--max_seq_length", "0"], "command line: max_seq_length must be >= 2, got 0"),
     }
-    import minift.config
+    import minift.sections
 
     # This machine's tests run as root, who may write anywhere: the permission answer is the operating system's.
-    writable = minift.config.os.access
-    monkeypatch.setattr(minift.config.os, "access", lambda path, mode: path != locked and writable(path, mode))
+    writable = minift.sections.os.access
+    monkeypatch.setattr(minift.sections.os, "access", lambda path, mode: path != locked and writable(path, mode))
     cases["unwritable"] = (["--output_dir", str(locked / "out")],
                            f"command line: output_dir {locked / 'out'}: {locked} is not writable")
     for name, (args, message) in cases.items():

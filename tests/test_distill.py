@@ -149,9 +149,11 @@ def test_on_policy_batches_are_reproducible_and_lmbda_0_is_offline(distill, teac
 
 def test_sequence_kd_generates_once(distill, teachers, data64, tmp_path, monkeypatch):
     merged, _, _ = teachers
+    import minift.train.teacher as teacher_module
+
     calls = []
-    real = distill.sample
-    monkeypatch.setattr(distill, "sample", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    real = teacher_module.sample
+    monkeypatch.setattr(teacher_module, "sample", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
     options = dict(teacher_model_name_or_path=str(merged), mode="sequence", max_completion_length=12)
     short(distill, data64, tmp_path, **options)
     lines = (tmp_path / "teacher_generations.jsonl").read_text().splitlines()

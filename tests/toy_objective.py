@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minift.config import TrainConfig
+from minift.sections import TrainConfig
 from minift.train.forward import SequenceLogprobs
 from minift.train.stage import Stage, run_recipe
 

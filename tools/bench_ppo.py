@@ -42,7 +42,7 @@ from bench_common import (
     set_precision,
     verdict,
 )
-from bench_grpo import G, NEW_TOKENS, PROMPTS, crc_reward, prompt_ids
+from bench_grpo import NEW_TOKENS, PROMPTS, G, crc_reward, prompt_ids
 from bench_serve import word_tokenizer
 
 SIDES = ("grpo", "ppo-adapter", "ppo-shared")
@@ -52,9 +52,10 @@ TIME_RATIO, MEMORY_RATIO = 1.5, 1.2
 def worker(role: str, args: argparse.Namespace) -> dict:
     """Steps of one side: wall time and generation time per step, peak-RSS growth over the steps."""
     from minift.lora.config import LoraConfig
-    from minift.lora.layers import apply_lora, set_trainable
+    from minift.train.checkpoints import Weights
     from minift.train.forward import TokenLogprobs
     from minift.train.rewards import Rewards
+    from minift.train.value import add_value_function
 
     set_precision(args.precision)
     torch.set_num_threads(args.threads)
@@ -74,15 +75,11 @@ def worker(role: str, args: argparse.Namespace) -> dict:
         ppo = load_recipe("ppo")
         cfg = ppo.PPOConfig(max_completion_length=NEW_TOKENS, learning_rate=SFT_LR, ppo_epochs=1, num_minibatches=1,
                             per_device_train_batch_size=PROMPTS * G, value_model=role.split("-")[1])
-        value_adapter = ppo.VALUE_ADAPTER if cfg.value_model == "adapter" else None
-        if value_adapter:  # as recipes/ppo.py adds it
-            apply_lora(model, LoraConfig(**SFT_ADAPTER), adapter_name=value_adapter)
-            set_trainable(model, ["default", value_adapter])
-            for param in model.parameters():
-                if param.requires_grad:
-                    param.data = param.data.float()
-        model.value_head = torch.nn.Linear(SFT_MODEL["hidden_size"], 1)
-        wrapper = ppo.PolicyValue(model, value_adapter)
+        weights = Weights(model, full=False, base_model="model A", parents=[])
+        wrapper = add_value_function(model, weights, LoraConfig(**SFT_ADAPTER) if cfg.value_model == "adapter" else None)
+        for param in model.parameters():  # the value adapter's A/B in fp32 too, as the policy's
+            if param.requires_grad:
+                param.data = param.data.float()
         kl = ppo.AdaptiveKLController(cfg.init_kl_coef)
         make = ppo.PPOBatches(cfg, wrapper, tokenizer, rewards, kl, lambda t: t)
         make.rollouts.G = G  # GRPO's sampling: each prompt prefilled once for its 8 completions

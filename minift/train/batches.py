@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from minift.config import ConfigError, TrainConfig
+from minift.config import ConfigError
+from minift.sections import TrainConfig
 
 
 class ShardedBatches:

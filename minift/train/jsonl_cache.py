@@ -13,6 +13,8 @@ import json
 import logging
 from pathlib import Path
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 
@@ -62,3 +64,15 @@ class JsonlCache:
         self.own.parent.mkdir(parents=True, exist_ok=True)
         with open(self.own, "a", encoding="utf-8") as f:
             f.write(json.dumps({"key": key, "value": value}, ensure_ascii=False) + "\n")
+
+    def fill(self, keys: list[str], accelerator, produce) -> int:
+        """Make the values ``keys`` lack, each process a share: ``produce(positions, add)`` makes those of the given
+        positions in ``keys`` and calls ``add(position, value)`` as each is ready (written down at once: a kill loses
+        only what was in flight). Then every process reads every file. Returns how many values all processes
+        made."""
+        todo = [i for i, key in enumerate(keys) if key not in self][accelerator.process_index::accelerator.num_processes]
+        if todo:
+            produce(todo, lambda i, value: self.add(keys[i], value))
+        accelerator.wait_for_everyone()
+        self.reload()
+        return int(accelerator.reduce(torch.tensor(float(len(todo)), device=accelerator.device), "sum").item())

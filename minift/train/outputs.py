@@ -9,7 +9,8 @@ import os
 import time
 from pathlib import Path
 
-from minift.config import TrainConfig, config_to_dict
+from minift.config import config_to_dict
+from minift.sections import TrainConfig
 
 logger = logging.getLogger(__name__)
 

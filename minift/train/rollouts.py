@@ -19,6 +19,7 @@ from minift.data.formats import normalize_all
 from minift.data.packing import collate_padded
 from minift.data.read import load_records
 from minift.losses import informative_groups
+from minift.sections import RolloutSection
 from minift.train.rewards import Rewards
 from minift.train.sampling import Completion, SamplingParams, sample
 
@@ -65,6 +66,12 @@ def load_prompts(path: str, tokenizer, rewards: Rewards, *, max_length: int, fmt
         prompt = ex.messages[0]["content"] if len(ex.messages) == 1 else ex.messages
         rows.append({"input_ids": ids, "prompt": prompt, "fields": ex.extra})
     return rows, {"prompts": len(rows), "dropped_too_long": too_long, "skipped_invalid": len(norm.skipped)}
+
+
+def rollout_params(cfg: RolloutSection) -> SamplingParams:
+    """The sampling options of an online recipe's rollouts."""
+    return SamplingParams(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
+                          top_k=cfg.top_k, min_p=cfg.min_p)
 
 
 class Rollouts:

@@ -25,12 +25,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from minift.config import ConfigError, TrainConfig, parse_config, run_settings
+from minift.config import ConfigError, parse_config, run_settings
 from minift.constants import DEFAULT_ADAPTER
 from minift.data.encode import set_chat_template
 from minift.data.read import RecordError
 from minift.lora.merge import merge_and_save
 from minift.model.load import load_tokenizer
+from minift.sections import TrainConfig
 from minift.train.batches import (
     OnlineBatches,
     ShardedBatches,

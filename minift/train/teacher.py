@@ -26,6 +26,8 @@ from minift.lora.layers import merge_lora, unwrap_lora
 from minift.model.attention import use_document_attention
 from minift.model.load import load_model, resolve_model_path
 from minift.train.forward import CausalLMLoss
+from minift.train.jsonl_cache import JsonlCache, cache_key
+from minift.train.sampling import SamplingParams, sample
 
 logger = logging.getLogger(__name__)
 
@@ -173,3 +175,36 @@ class TopKCache:
         batch["teacher_ids"] = torch.cat([self.tables[f"{split}.ids"][s] for s in spans]).long()
         batch["teacher_logps"] = torch.cat([self.tables[f"{split}.logps"][s] for s in spans]).float()
         return batch
+
+
+def prompt_of(row: dict) -> list[int]:
+    """The tokens before an encoded example's first trained token: its prompt."""
+    start = next(i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX)
+    if start == 0:
+        raise ConfigError("an example has no prompt (a plain text record?): on_policy and sequence modes complete "
+                          "prompts; use prompt / completion or conversation records")
+    return row["input_ids"][:start]
+
+
+def with_completion(prompt: list[int], completion: list[int]) -> dict:
+    """An encoded example: ``prompt`` untrained, ``completion`` trained."""
+    return {"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion}
+
+
+def teacher_completions(teacher: nn.Module, tokenizer, rows: list[dict], path: Path, accelerator, identity: str,
+                        max_new_tokens: int) -> list[dict]:
+    """Sequence-level KD's data: each encoded example's prompt with the teacher's greedy completion, generated once
+    (each process a share) into the JSONL cache at ``path``, keyed by the teacher's ``identity``, the length and
+    the prompt, so a rerun generates nothing again."""
+    cache = JsonlCache(path, accelerator.process_index)
+    keys = [cache_key([identity, max_new_tokens], prompt_of(row)) for row in rows]
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+
+    def produce(todo: list[int], add) -> None:
+        for start in range(0, len(todo), 64):
+            chunk = todo[start: start + 64]
+            for i, c in zip(chunk, sample(teacher, tokenizer, [prompt_of(rows[i]) for i in chunk], params)):
+                add(i, c.token_ids)
+
+    cache.fill(keys, accelerator, produce)
+    return [with_completion(prompt_of(row), cache[key]) for row, key in zip(rows, keys)]
