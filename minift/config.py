@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+DRY_RUN_HELP = ("--dry_run: check the options, every record of the data and the model paths, print the examples and "
+                "steps, and stop; no weights load")
 _TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
 
 
@@ -175,7 +177,7 @@ def _flag_help(cls, f: dataclasses.Field) -> str:
 def parse_config(cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
     """Defaults < ``--config FILE.yaml`` < CLI flags. Raises ConfigError (argparse exits on ``--help``)."""
     types_ = _field_types(cls)
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False, epilog=DRY_RUN_HELP)
     parser.add_argument("--config", help="YAML file with any of the options below")
     for f in dataclasses.fields(cls):
         annotation = types_[f.name]

@@ -147,6 +147,11 @@ class TrainConfig(OutputSection, CheckpointSection, EvalSection, OptimSection, L
     """The sections every training recipe shares. Defaults run the bundled demo on the tiny model on CPU;
     for a real model start from ``recipes/configs/*.yaml`` (typical LoRA learning rates are ~1e-4..2e-4)."""
 
+    def batch_plan(self) -> tuple[int, int]:
+        """``(rows per process per micro-batch, optimizer steps per window)``: how :class:`~minift.train.stage.Stage`
+        batches the data; online recipes whose rows are prompts (or whose windows serve several updates) override it."""
+        return self.per_device_train_batch_size, 1
+
     def __post_init__(self) -> None:
         for klass in reversed(type(self).__mro__):  # sections first, then the recipe's own check
             if "check" in vars(klass):
@@ -175,11 +180,14 @@ class RolloutSection:
 @dataclasses.dataclass
 class DataSection:
     """Where a recipe's records come from and how they become tokens. ``DEMO_DATA`` / ``DEMO_EVAL``: the
-    recipe's bundled demo files; ``answer_eval_dataset: auto`` means the demo eval set when training on the
+    recipe's bundled demo files; ``RECORDS``: the kind of record it reads (what ``--dry_run`` checks the data
+    against); ``answer_eval_dataset: auto`` means the demo eval set when training on the
     demo data."""
 
     DEMO_DATA: typing.ClassVar[Path | None] = None
     DEMO_EVAL: typing.ClassVar[Path | None] = None
+    RECORDS: typing.ClassVar[str] = "sft"  # the kind of record the recipe reads: sft, preference, unpaired, prompt
+    STEPS_KNOWN: typing.ClassVar[bool] = True  # False: what it trains on is made first (the steps are known then)
     dataset_name_or_path: str = opt("", "file, directory, saved dataset or hub name")
     eval_dataset: str | None = opt(None, "explicit validation data (else validation_split)")
     dataset_format: str | None = opt(None, "skip detection: messages, alpaca, text, preference, ...")

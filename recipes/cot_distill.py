@@ -48,6 +48,7 @@ TASKS = ("[rationale] ", "[answer] ")  # the multitask prefixes
 @dataclass
 class CoTConfig(SFTConfig):
     DEMO_DATA, DEMO_EVAL = DATA / "demo_reasoning.jsonl", DATA / "demo_eval.jsonl"
+    RECORDS, STEPS_KNOWN = "prompt", False  # it trains on the rationales the teacher gets right
     dataset_name_or_path: str = str(DEMO_DATA)
     output_dir: str = "out/cot_distill"
     teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "a local teacher: model "

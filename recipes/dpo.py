@@ -45,6 +45,7 @@ DATA = Path(__file__).resolve().parent / "data"
 @dataclass
 class DPOConfig(DataSection, TrainConfig):
     DEMO_DATA, DEMO_EVAL = DATA / "demo_preference.jsonl", DATA / "demo_eval.jsonl"
+    RECORDS = "preference"
     output_dir: str = "out/dpo"
     # The demo's defaults: from the SFT demo's adapter, one epoch over the 1,800 training pairs gives
     # 94.5% held-out implicit-reward accuracy and keeps SFT's greedy exact match within a point. beta 0.5

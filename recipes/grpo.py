@@ -62,12 +62,16 @@ class GRPOConfig(RolloutSection, DataSection, TrainConfig):
     # demo prompts, exact-match reward: 73% after 4,000 steps (about 4.5 minutes on 2 CPU cores). In sweeps with an
     # earlier sampler, 10 epochs (63%) and lr 2e-3 (58%) did worse and lr 3e-4 barely moved in 2 epochs.
     DEMO_DATA, DEMO_EVAL = DATA / "demo_prompts.jsonl", DATA / "demo_eval.jsonl"
+    RECORDS = "prompt"
     dataset_name_or_path: str = str(DEMO_DATA)
     output_dir: str = "out/grpo"
     per_device_train_batch_size: int = 128
     learning_rate: float = 1e-3
     num_train_epochs: float = 16.0
     lora_r: int = 16
+
+    def batch_plan(self) -> tuple[int, int]:
+        return self.per_device_train_batch_size // self.num_generations, self.num_iterations  # rows are prompts
 
     def check(self) -> None:
         checks = [(self.num_generations >= 2, "num_generations must be >= 2: advantages compare a prompt's completions"),
@@ -167,8 +171,7 @@ def main(cfg: GRPOConfig) -> dict:
     model = stage.load_model()
     logps_model = TokenLogprobs(model)
     make = GRPOBatches(cfg, logps_model, tokenizer, rewards, stage.adapter_name)
-    batches = stage.online_batches(prompts, make, per_device=cfg.per_device_train_batch_size // cfg.num_generations,
-                                   repeats=cfg.num_iterations)
+    batches = stage.online_batches(prompts, make)
     logps_model = stage.prepare(logps_model, batches)
     stage.resume()
     per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes

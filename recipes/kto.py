@@ -43,6 +43,7 @@ class KTOConfig(DataSection, TrainConfig):
     # (good, bad) answer pairs right (three seeds) and keep exact match (94% -> 94%). On 360 answers the ranking
     # was 81.5-89% depending on the CPU (lr 1e-3, beta 1 or 2: 82-87%).
     DEMO_DATA, DEMO_EVAL = DATA / "demo_kto.jsonl", DATA / "demo_eval.jsonl"
+    RECORDS = "unpaired"
     dataset_name_or_path: str = str(DEMO_DATA)
     output_dir: str = "out/kto"
     lora_r: int = 32  # alpha 32: scale 1.0

@@ -65,6 +65,7 @@ class PPOConfig(RolloutSection, DataSection, TrainConfig):
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch"})
     num_minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass (the batch split)"})
     DEMO_DATA, DEMO_EVAL = DATA / "demo_prompts.jsonl", DATA / "demo_eval.jsonl"
+    RECORDS = "prompt"
     dataset_name_or_path: str = str(DEMO_DATA)
     output_dir: str = "out/ppo"
     # The demo: from the weak SFT start (45% held-out exact match), 64 prompts a rollout batch, two PPO epochs over
@@ -98,6 +99,9 @@ class PPOConfig(RolloutSection, DataSection, TrainConfig):
     def updates(self) -> int:
         """Optimizer steps per rollout batch."""
         return self.ppo_epochs * self.num_minibatches
+
+    def batch_plan(self) -> tuple[int, int]:
+        return self.per_device_train_batch_size, self.updates  # one prompt, one completion: a rollout serves `updates`
 
 
 class PPOBatches:
@@ -196,7 +200,7 @@ def main(cfg: PPOConfig) -> dict:
     kl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
     make = PPOBatches(cfg, policy_value, tokenizer, rewards, kl,
                       lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu())
-    batches = stage.online_batches(prompts, make, repeats=cfg.updates)
+    batches = stage.online_batches(prompts, make)
     wrapper = stage.prepare(policy_value, batches)
     stage.resume()
     kl.value = stage.state.setdefault("kl_coef", kl.value)  # a resumed run goes on with the saved coefficient

@@ -71,6 +71,9 @@ class RLAIFConfig(GRPOConfig):
     num_train_epochs: float = 1.0
     eval_steps: int = 50
 
+    def batch_plan(self) -> tuple[int, int]:
+        return self.per_device_train_batch_size // self.num_generations, self.num_iterations if self.mode == "grpo" else 1
+
     def check(self) -> None:
         local, api = bool(self.judge_model_name_or_path), bool(self.judge_api_base)
         checks = [(self.mode in MODES, f"mode must be online_dpo or grpo, got {self.mode!r}"),
@@ -165,17 +168,15 @@ def main(cfg: RLAIFConfig) -> dict:
     held_out = load_prompts(cfg.answer_eval_dataset, tokenizer, Rewards(rewards.functions[:1]),
                             max_length=cfg.max_seq_length)[0] if cfg.answer_eval_dataset else []
     model = stage.load_model()
-    per_device = cfg.per_device_train_batch_size // cfg.num_generations
     if cfg.mode == "grpo":
         logps_model = TokenLogprobs(model)
         make = GRPOBatches(cfg, logps_model, tokenizer, rewards, stage.adapter_name)
-        repeats = cfg.num_iterations
     else:
         logps_model = SequenceLogprobs(model)
-        make, repeats = OnlineDPOBatches(cfg, model, tokenizer, rewards), 1
+        make = OnlineDPOBatches(cfg, model, tokenizer, rewards)
         reference = Reference(logps_model, stage.adapter_name)
         preference = PreferenceLoss(cfg.dpo_loss_type, cfg.dpo_beta)
-    batches = stage.online_batches(prompts, make, per_device=per_device, repeats=repeats)
+    batches = stage.online_batches(prompts, make)
     evaluate = (lambda _: win_rate(accelerator, model, tokenizer, judge, held_out, cfg.max_completion_length,
                                    stage.adapter_name)) if held_out else None
     wrapper = stage.prepare(logps_model, batches, evaluate=evaluate)

@@ -46,6 +46,7 @@ from minift.train.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
+from minift.train.dry_run import recipe_dry_run
 from minift.train.generation import answer_eval_examples, answer_metrics
 from minift.train.health import Health
 from minift.train.lock import release_output_dirs, take_output_dir
@@ -160,12 +161,10 @@ class Stage:
         return ShardedBatches(rows, self.cfg.per_device_train_batch_size, self.accelerator.num_processes,
                               self.accelerator.process_index, self.cfg.seed, collate)
 
-    def online_batches(self, prompts: list, make_batch, *, what: str = "prompts", per_device: int | None = None,
-                       repeats: int = 1) -> OnlineBatches:
-        """Micro-batches made during training from ``prompts`` (see :class:`~minift.train.batches.OnlineBatches`),
-        ``per_device`` prompts each (default ``per_device_train_batch_size``), each window used for ``repeats``
-        optimizer steps."""
-        per_device = per_device or self.cfg.per_device_train_batch_size
+    def online_batches(self, prompts: list, make_batch, *, what: str = "prompts") -> OnlineBatches:
+        """Micro-batches made during training from ``prompts`` (see :class:`~minift.train.batches.OnlineBatches`):
+        ``cfg.batch_plan()`` says how many prompts each holds and for how many optimizer steps a window serves."""
+        per_device, repeats = self.cfg.batch_plan()
         check_enough_rows(len(prompts), self.cfg, self.accelerator.num_processes, what, per_device)
         return OnlineBatches(prompts, per_device, self.accelerator.num_processes, self.accelerator.process_index,
                              self.cfg.seed, make_batch, accumulation=self.cfg.gradient_accumulation_steps,
@@ -321,13 +320,21 @@ class Stage:
         return "\n".join(lines)
 
 
-def run_recipe(main, config_class, doc: str, errors: tuple[type[Exception], ...] = ()) -> None:
-    """A recipe script's ``__main__``: config from flags and YAML, ``main(config)``, and any config or data
-    mistake (or one of the recipe's own ``errors``, such as an API that keeps failing) printed as one ``error:``
-    line (exit status 1) instead of a traceback."""
+def run_recipe(main, config_class, doc: str, errors: tuple[type[Exception], ...] = (), parse=None) -> None:
+    """A recipe script's ``__main__``: config from flags and YAML (or ``parse()``, a script with flags of its own),
+    ``main(config)`` (with ``--dry_run``: the checks of :mod:`minift.train.dry_run` instead), and any config or data mistake (or one of the recipe's own ``errors``, such as an API that
+    keeps failing) printed as one ``error:`` line (exit status 1) instead of a traceback."""
     finished = False
     try:
-        main(parse_config(config_class, description=doc.split("\n\n")[0]))
+        if parse:
+            main(parse())
+        else:
+            argv = sys.argv[1:]
+            config = parse_config(config_class, [a for a in argv if a != "--dry_run"], doc.split("\n\n")[0])
+            if "--dry_run" in argv:
+                print(recipe_dry_run(config, Path(sys.argv[0]).stem))
+            else:
+                main(config)
         finished = True
     except (ConfigError, FileNotFoundError, RecordError, RewardError, HubPushError, FloatingPointError, *errors) as err:
         sys.exit(f"error: {err}")
