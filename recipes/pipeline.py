@@ -31,6 +31,7 @@ from minift.pipeline.plan import make_plan, plan_text
 from minift.pipeline.record import PipelineRecord, config_hash, summary_table
 from minift.pipeline.spec import parse_pipeline, stage_config
 from minift.train.lock import OutputDirLock
+from minift.train.setup import cpu_process_group
 from minift.train.stage import run_recipe
 
 RECIPES = Path(__file__).resolve().parent
@@ -63,7 +64,7 @@ def main(args: argparse.Namespace) -> dict:
         if name not in spec.names and name != "export":
             raise ConfigError(f"--stages: no stage {name!r} in {spec.path}; stages: {', '.join(spec.names)}, export")
     plans = make_plan(spec)  # every stage's options, data and models checked before anything trains
-    state = PartialState()
+    state = PartialState(cpu=cpu_process_group())  # the process group the stages' Accelerators join
     logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if state.is_main_process:

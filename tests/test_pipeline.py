@@ -135,7 +135,7 @@ def mtimes(out: Path) -> dict[str, float]:
             if (d / "adapter").is_dir()}
 
 
-def test_rerun_skips_finished_stages_and_redoes_a_changed_one(pipeline, tmp_path):
+def test_rerun_skips_finished_stages_and_redoes_a_changed_one(pipeline, tmp_path, monkeypatch):
     config = quick_chain(tmp_path)
     run(pipeline, config)
     out = tmp_path / "out"
@@ -145,6 +145,18 @@ def test_rerun_skips_finished_stages_and_redoes_a_changed_one(pipeline, tmp_path
     assert "| sft | finished | 3 |" in (out / "summary.md").read_text()
     run(pipeline, config)
     assert mtimes(out) == first  # nothing retrained
+    # a changed export reruns alone: merged model, and the upload (here recorded instead of sent)
+    pushed = []
+    monkeypatch.setattr("minift.train.outputs.push_to_hub", lambda folder, repo, **kw: pushed.append((folder, repo))
+                        or f"https://huggingface.co/{repo}")
+    data = json.loads(config.read_text())
+    write(config, {**data, "export": {"merge": True, "hub_repo_id": "me/chain"}})
+    run(pipeline, config)
+    assert mtimes(out) == first and pushed == [(out / "export" / "merged", "me/chain")]
+    assert (out / "export" / "merged" / "config.json").is_file()
+    assert json.loads((out / "pipeline.json").read_text())["stages"]["export"]["outputs"]["hub_url"] == \
+        "https://huggingface.co/me/chain"
+    write(config, data)
     run(pipeline, quick_chain(tmp_path, dpo={**QUICK_DPO, "beta": 0.5}))
     again = mtimes(out)
     assert again["01_sft"] == first["01_sft"] and again["02_dpo"] != first["02_dpo"]
@@ -153,9 +165,19 @@ def test_rerun_skips_finished_stages_and_redoes_a_changed_one(pipeline, tmp_path
     run(pipeline, config, "--stages", "dpo")
     assert mtimes(out)["01_sft"] == first["01_sft"] and mtimes(out)["02_dpo"] != again["02_dpo"]
     assert (out / "export" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == exported
+    with pytest.raises(ConfigError, match="--stages: no stage 'dpoo'"):
+        run(pipeline, config, "--stages", "dpoo")
     shutil.rmtree(out / "01_sft")
     with pytest.raises(ConfigError, match="stage 1 'sft' comes first and has not finished"):
         run(pipeline, config, "--stages", "dpo")
+
+
+def test_help_lists_the_flags(pipeline, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        pipeline.parse_args(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert all(flag in text for flag in ("--config", "--stages", "--dry_run", "--output_dir", "--model_name_or_path"))
 
 
 def test_a_custom_stage_gets_the_previous_result_and_a_failing_stage_stops_the_pipeline(pipeline, tmp_path):
@@ -202,10 +224,42 @@ def test_a_pipeline_killed_in_stage_2_resumes_it_to_the_uninterrupted_adapter(ti
     assert "stage 2 dpo (dpo): resuming from its newest checkpoint" in again.stderr
     assert "resumed from" in again.stderr and "at step 10" in again.stderr
     for part in ("02_dpo/adapter", "export/adapter"):  # the stage's adapter, and SFT + DPO combined
-        whole, resumed = (load_file(str(tmp_path / run / "out" / part / "adapter_model.safetensors"))
-                          for run in ("whole", "killed"))
-        assert whole.keys() == resumed.keys() and whole
-        assert max((whole[k] - resumed[k]).abs().max().item() for k in whole) <= 1e-6
+        assert max_difference(tmp_path / "whole" / "out" / part, tmp_path / "killed" / "out" / part) <= 1e-6
+
+
+def max_difference(a: Path, b: Path) -> float:
+    """The largest element difference between two adapters' tensors (their configs name different paths)."""
+    first, second = (load_file(str(d / "adapter_model.safetensors")) for d in (a, b))
+    assert first.keys() == second.keys() and first
+    return max((first[k] - second[k]).abs().max().item() for k in first)
+
+
+def test_two_processes_run_a_pipeline_as_one_with_twice_the_batch(pipeline, tmp_path):
+    """torchrun, 2 CPU processes x batch 2, against this process x batch 4: the same adapters. DPO starts from the
+    SFT chain merged into a model (start_from: merged), which every process then loads."""
+    def config(name: str, batch: int) -> Path:
+        (tmp_path / name).mkdir()
+        return write(tmp_path / name / "p.yaml", {
+            "model_name_or_path": "tiny", "output_dir": str(tmp_path / name / "out"),
+            "stages": ["sft", {"name": "dpo", "recipe": "dpo", "start_from": "merged"}],
+            "stage_configs": {"sft": {**QUICK_SFT, "per_device_train_batch_size": batch, "validation_split": 0},
+                              "dpo": {**QUICK_DPO, "per_device_train_batch_size": batch, "validation_split": 0}}})
+
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(PIPELINE), "--config", str(config("two", 2))], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    run(pipeline, config("one", 4))
+    for name in ("two", "one"):
+        dpo = json.loads((tmp_path / name / "out" / "02_dpo" / "run.json").read_text())
+        assert dpo["config"]["model_name_or_path"] == str(tmp_path / name / "out" / "02_dpo" / "start" / "model")
+        assert dpo["parents"] == []  # the SFT adapter is in the merged model, not under the new one
+    for stage in ("01_sft", "02_dpo"):  # each module's weight delta (see conftest's assert_same_adapter)
+        a, b = (load_file(str(tmp_path / name / "out" / stage / "adapter" / "adapter_model.safetensors"))
+                for name in ("two", "one"))
+        for key in (k for k in a if k.endswith("lora_A.weight")):
+            up = key.replace("lora_A", "lora_B")
+            assert (a[up] @ a[key] - b[up] @ b[key]).abs().max() <= 1e-5, (stage, key)
 
 
 @pytest.mark.parametrize("name", ["pipeline_sft", "pipeline_sft_dpo", "pipeline_ppo", "pipeline_chain"])
@@ -247,3 +301,18 @@ def test_the_seeds_chain_runs_from_yaml_and_every_stage_keeps_or_improves_its_me
     reader = GGUFReader(str(out / "export" / "model-q8_0.gguf"))
     assert len(reader.tensors) == 21 and "FROM ./model-q8_0.gguf" in (out / "export" / "Modelfile").read_text()
     print(f"seeds' chain: {elapsed:.0f} s\n{summary}")
+
+
+def test_a_single_recipe_dry_run_counts_its_data_without_weights(pipeline, model_without_weights, tmp_path):
+    from minift.train.dry_run import recipe_dry_run
+
+    sft, grpo = load_recipe("sft"), load_recipe("grpo")
+    text = recipe_dry_run(sft.SFTConfig(model_name_or_path=str(model_without_weights), output_dir=str(tmp_path / "o"),
+                                        max_seq_length=64), "sft")
+    assert "examples: train 4750, eval 250; steps: " in text and "sharegpt 532" in text
+    steps = int(text.split("steps: ")[1].split()[0])
+    assert steps > 1675  # 64-token rows hold fewer examples than the default 128-token ones (1,675 steps)
+    text = recipe_dry_run(grpo.GRPOConfig(model_name_or_path=str(model_without_weights), max_steps=0,
+                                          num_train_epochs=1.0, output_dir=str(tmp_path / "g")), "grpo")
+    assert "examples: train 4000; steps: 250" in text  # 4,000 prompts / (128 completions / 8 per prompt)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "g").exists()

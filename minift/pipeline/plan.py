@@ -62,7 +62,7 @@ def _future(path: str, spec: PipelineSpec, stage: StageSpec) -> bool:
         rel = Path(path).resolve().relative_to(root)
     except ValueError:
         return False
-    earlier = {s.dir_name for s in spec.stages if s.index < stage.index}
+    earlier = {s.dir_name for s in spec.stages if s.index <= stage.index}  # its own start/ is written first
     return bool(rel.parts) and rel.parts[0] in earlier
 
 

@@ -23,17 +23,21 @@ from minift.sections import TrainConfig
 logger = logging.getLogger(__name__)
 
 
+def cpu_process_group() -> bool:
+    """Whether to ask Accelerate for the CPU: it only sets up a CPU process group (gloo) when asked, and without
+    one, processes started by torchrun / `accelerate launch` on a machine without a GPU each run alone."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    return launched and not has_device
+
+
 def make_accelerator(cfg: TrainConfig):
     """An Accelerator with the configured (or launcher-given) mixed precision and trackers; seeds everything."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    # Accelerate only sets up a CPU process group (gloo) when asked for the CPU; without this, processes
-    # started by torchrun / `accelerate launch` on a machine without a GPU each train alone on all the data.
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     accelerator = Accelerator(
-        cpu=launched and not has_device,
+        cpu=cpu_process_group(),
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=cfg.output_dir,
