@@ -81,7 +81,8 @@ def main(args: argparse.Namespace) -> dict:
         fixed = {"output_dir": str(stage_dir), "model_name_or_path": chain.start(stage, root, write=False)[0],
                  "init_adapter": None}
         digest = config_hash(stage_config(spec, stage, fixed), stage.recipe, stage.start_from, upstream)
-        finished = entry.get("status") == "finished" and produced(stage_dir) is not None
+        finished = entry.get("status") == "finished" and produced(stage_dir) == entry.get("produced", "missing")
+        result = entry.get("result", {})  # the recorded result of a stage that does not run now
         if args.stages and stage.name not in args.stages:
             if not finished:
                 raise ConfigError(f"--stages: stage {stage.index} {stage.name!r} comes first and has not finished in "
@@ -107,7 +108,7 @@ def main(args: argparse.Namespace) -> dict:
                         "resuming from its newest checkpoint" if resume else "starting")
             started = time.time()
             try:
-                result = run_stage(stage, cfg, previous)
+                returned = run_stage(stage, cfg, previous)
             except Exception as err:
                 if not isinstance(err, (ConfigError, FileNotFoundError)):  # a user's mistake needs no traceback
                     logger.error("stage %s failed", stage.name, exc_info=True)
@@ -115,11 +116,12 @@ def main(args: argparse.Namespace) -> dict:
                     record.set(stage.name, status="failed", error=f"{type(err).__name__}: {err}")
                 raise StageFailed(f"stage {stage.index} {stage.name!r} ({stage.recipe}) failed: {err}. The outputs of "
                                   f"the stages before it are kept in {root}; a re-run skips them") from err
+            result = {**{k: v for k, v in returned.items() if isinstance(v, (int, float, str))},
+                      "seconds": round(time.time() - started, 1)}
             if state.is_main_process:
-                numbers = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
-                record.set(stage.name, status="finished", result={**numbers, "seconds": round(time.time() - started, 1)})
+                record.set(stage.name, status="finished", produced=produced(stage_dir), result=result)
         chain.add(stage, produced(stage_dir), stage_dir)
-        previous.results[stage.name] = record.get(stage.name).get("result", {})
+        previous.results[stage.name] = result
         previous.output_dirs[stage.name] = stage_dir
         upstream = digest
 

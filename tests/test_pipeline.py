@@ -183,6 +183,9 @@ def test_help_lists_the_flags(pipeline, capsys):
 def test_a_custom_stage_gets_the_previous_result_and_a_failing_stage_stops_the_pipeline(pipeline, tmp_path):
     run(pipeline, quick_chain(tmp_path, gate=True))
     out = tmp_path / "out"
+    first, report = mtimes(out), (out / "02_gate" / "gate.json").stat().st_mtime_ns
+    run(pipeline, tmp_path / "p.yaml")  # a stage that writes no adapter is finished too: nothing runs again
+    assert mtimes(out) == first and (out / "02_gate" / "gate.json").stat().st_mtime_ns == report
     record = json.loads((out / "pipeline.json").read_text())["stages"]
     gate = json.loads((out / "02_gate" / "gate.json").read_text())
     # the gate measured the chain after SFT: the same model, the same greedy answers as SFT's own measurement
@@ -316,3 +319,12 @@ def test_a_single_recipe_dry_run_counts_its_data_without_weights(pipeline, model
                                           num_train_epochs=1.0, output_dir=str(tmp_path / "g")), "grpo")
     assert "examples: train 4000; steps: 250" in text  # 4,000 prompts / (128 completions / 8 per prompt)
     assert not (tmp_path / "o").exists() and not (tmp_path / "g").exists()
+
+
+def test_a_key_given_twice_in_a_stage_is_named(pipeline, tmp_path):
+    config = tmp_path / "p.yaml"
+    config.write_text("output_dir: out\nstages: [sft]\nstage_configs:\n  sft:\n    beta: 1\n    max_steps: 3\n"
+                      "    max_steps: 4\n")
+    with pytest.raises(ConfigError, match=r"p.yaml:7: key 'stage_configs.sft.max_steps' is given twice \(first on "
+                                          r"line 6\)"):
+        run(pipeline, config, "--dry_run")

@@ -93,23 +93,27 @@ class PipelineSpec:
     output_dir: str
     stages: list[StageSpec]
     export: ExportConfig | None
-    export_line: int = 0
     names: dict[str, StageSpec] = field(default_factory=dict)
 
 
-def _lines(node, prefix: tuple = ()) -> dict[tuple, int]:
-    """Every mapping key's and sequence item's 1-based line in a composed YAML node, by its path."""
+def _lines(node, where: str, prefix: tuple = ()) -> dict[tuple, int]:
+    """Every mapping key's and sequence item's 1-based line in a composed YAML node, by its path. A key given twice
+    in one mapping is an error (YAML itself lets the last one win, silently)."""
     import yaml
 
     out: dict[tuple, int] = {}
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
-            out[prefix + (key.value,)] = key.start_mark.line + 1
-            out.update(_lines(value, prefix + (key.value,)))
+            path, line = prefix + (key.value,), key.start_mark.line + 1
+            if path in out:
+                raise ConfigError(f"{where}:{line}: key {'.'.join(map(str, path))!r} is given twice (first on line "
+                                  f"{out[path]}); keep one")
+            out[path] = line
+            out.update(_lines(value, where, path))
     elif isinstance(node, yaml.SequenceNode):
         for i, value in enumerate(node.value):
             out[prefix + (i,)] = value.start_mark.line + 1
-            out.update(_lines(value, prefix + (i,)))
+            out.update(_lines(value, where, prefix + (i,)))
     return out
 
 
@@ -118,9 +122,9 @@ def read_pipeline_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
 
     from minift.config import read_yaml
 
-    read_yaml(path)  # missing file, bad YAML, a key given twice: named with the line
+    read_yaml(path)  # missing file, bad YAML: named with the line
     text = path.read_text(encoding="utf-8")
-    return yaml.safe_load(text) or {}, _lines(yaml.compose(text))
+    return yaml.safe_load(text) or {}, _lines(yaml.compose(text), str(path))
 
 
 def load_recipe(recipe: str, recipes_dir: Path, where: str):
@@ -229,7 +233,7 @@ def parse_pipeline(path: str | Path, recipes_dir: Path, *, model_name_or_path: s
     out = output_dir or data.get("output_dir")
     if not out:
         raise ConfigError(f"{where}: output_dir is required (in the file or as --output_dir)")
-    return PipelineSpec(path, str(model), str(out), stages, export, lines.get(("export",), 0), names)
+    return PipelineSpec(path, str(model), str(out), stages, export, names)
 
 
 def references(stage: StageSpec) -> list[tuple[str, str]]:
