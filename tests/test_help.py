@@ -46,7 +46,7 @@ def test_bench_help_works():
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--help"], capture_output=True,
                           text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for case in ("lora", "data", "sft", "dpo", "gguf", "serve", "grpo", "distill", "ppo"):
+    for case in ("lora", "data", "sft", "dpo", "gguf", "serve", "grpo", "distill", "ppo", "pipeline"):
         assert case in proc.stdout
 
 

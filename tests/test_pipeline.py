@@ -328,3 +328,17 @@ def test_a_key_given_twice_in_a_stage_is_named(pipeline, tmp_path):
     with pytest.raises(ConfigError, match=r"p.yaml:7: key 'stage_configs.sft.max_steps' is given twice \(first on "
                                           r"line 6\)"):
         run(pipeline, config, "--dry_run")
+
+
+def test_a_full_fine_tune_becomes_the_chains_base(pipeline, tmp_path):
+    out = tmp_path / "out"
+    config = write(tmp_path / "p.yaml", {"model_name_or_path": "tiny", "output_dir": str(out), "stages": ["sft", "dpo"],
+                                         "stage_configs": {"sft": {**QUICK_SFT, "lora_r": 0}, "dpo": QUICK_DPO},
+                                         "export": {"merge": True}})
+    plans = run(pipeline, config, "--dry_run")["plan"]
+    assert plans[1].model == str(out / "01_sft" / "model") and plans[1].init_adapter is None
+    run(pipeline, config)
+    dpo = json.loads((out / "02_dpo" / "run.json").read_text())
+    assert dpo["config"]["model_name_or_path"] == str(out / "01_sft" / "model") and dpo["parents"] == []
+    export = json.loads((out / "pipeline.json").read_text())["stages"]["export"]["outputs"]
+    assert export["adapter"] == str(out / "export" / "adapter") and export["merged"] == str(out / "export" / "merged")
