@@ -75,7 +75,9 @@ def main(args: argparse.Namespace) -> dict:
     lock = OutputDirLock(root).acquire() if state.is_main_process else None
     record = PipelineRecord(root, spec.path)
     chain, previous = Chain(spec.model_name_or_path), Previous()
-    upstream, changed = "", False  # a stage that runs makes every stage after it run too
+    # Each stage's hash includes the one before it (the first: the base model's name): a stage that runs makes
+    # every stage after it run too.
+    upstream, changed = spec.model_name_or_path, False
     for stage in spec.stages:
         stage_dir, entry = root / stage.dir_name, record.get(stage.name)
         fixed = {"output_dir": str(stage_dir), "model_name_or_path": chain.start(stage, root, write=False)[0],
@@ -128,7 +130,7 @@ def main(args: argparse.Namespace) -> dict:
     if spec.export and (not args.stages or "export" in args.stages):
         digest = config_hash(spec.export, "export", "", upstream)
         entry = record.get("export")
-        if entry.get("status") == "finished" and entry.get("hash") == digest and not changed:
+        if entry.get("status") == "finished" and entry.get("hash") == digest and not changed and not args.stages:
             logger.info("export: finished, unchanged: skipped")
         elif state.is_main_process:
             record.set("export", hash=digest, status="running")

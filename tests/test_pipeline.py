@@ -165,6 +165,8 @@ def test_rerun_skips_finished_stages_and_redoes_a_changed_one(pipeline, tmp_path
     run(pipeline, config, "--stages", "dpo")
     assert mtimes(out)["01_sft"] == first["01_sft"] and mtimes(out)["02_dpo"] != again["02_dpo"]
     assert (out / "export" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == exported
+    run(pipeline, config, "--stages", "export")  # named: it runs again, from the stages on disk
+    assert (out / "export" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns != exported
     with pytest.raises(ConfigError, match="--stages: no stage 'dpoo'"):
         run(pipeline, config, "--stages", "dpoo")
     shutil.rmtree(out / "01_sft")

@@ -15,6 +15,7 @@ from minift.pipeline.chain import Chain
 from minift.pipeline.spec import PipelineSpec, StageSpec, check_references, stage_config
 from minift.train.dry_run import DataPlan, check_models, describe, plan_data
 
+
 @dataclass
 class StagePlan:
     stage: StageSpec
@@ -34,8 +35,8 @@ class StagePlan:
 
 
 def chain_starts(spec: PipelineSpec) -> list[tuple[str, str | None, list[str]]]:
-    """``(model, init adapter, the adapters it combines)`` each stage starts from, as paths the earlier stages will write (the pipeline's
-    bookkeeping, :mod:`minift.pipeline.chain`, writes exactly these)."""
+    """``(model, init adapter, the adapters it combines)`` each stage starts from, as the paths that the earlier
+    stages and :class:`~minift.pipeline.chain.Chain` will write."""
     chain, out = Chain(spec.model_name_or_path), []
     for stage in spec.stages:
         out.append((*chain.start(stage, Path(spec.output_dir), write=False), list(chain.adapters)))
@@ -56,7 +57,8 @@ def getattr_default(stage: StageSpec, name: str, default):
 
 
 def _future(path: str, spec: PipelineSpec, stage: StageSpec) -> bool:
-    """Whether ``path`` lies in an earlier stage's output directory (so it exists only once that stage ran)."""
+    """Whether ``path`` lies in the directory of an earlier stage (or in the stage's own ``start/``), so that it
+    exists only once the pipeline got there."""
     root = Path(spec.output_dir).resolve()
     try:
         rel = Path(path).resolve().relative_to(root)
@@ -107,10 +109,12 @@ def plan_text(spec: PipelineSpec, plans: list[StagePlan]) -> str:
     lines = [f"pipeline {spec.path}: {len(plans)} stages, base {spec.model_name_or_path}, output {spec.output_dir}", ""]
     head = f"{'#':>2}  {'stage':<14} {'recipe':<14} {'starts from':<34} {'train':>7} {'eval':>6} {'steps':>6}"
     lines += [head, "-" * len(head)]
+    root = Path(spec.output_dir)
     for p in plans:
-        start = " + ".join([Path(p.model).name] + [Path(a).parent.name.split("_", 1)[1] for a in p.chain])
+        model = str(Path(p.model).relative_to(root)) if Path(p.model).is_relative_to(root) else Path(p.model).name
+        start = " + ".join([model] + [Path(a).parent.name.split("_", 1)[1] for a in p.chain])
         if p.stage.start_from == "base":
-            start = f"{Path(p.model).name} (side model)"
+            start = f"{model} (side model)"
         steps = "" if p.steps is None else str(p.steps)
         lines.append(f"{p.stage.index:>2}  {p.stage.name:<14} {p.stage.recipe:<14} {start[:34]:<34} "
                      f"{p.examples.get('train', ''):>7} {p.examples.get('eval', ''):>6} {steps:>6}")

@@ -6,11 +6,12 @@
       - sft                                    # a recipe by file name: recipes/sft.py
       - dpo
       - {name: dpo_round2, recipe: dpo}        # a recipe twice, under another name
-      - {name: judge, recipe: sft, start_from: base}   # a side model: its output stays out of the chain
+      - {name: rm, recipe: reward_model}       # a side model: its output stays out of the chain
+      - ppo
       - {name: mine, recipe: my_package.my_stage}      # a user's module: a config dataclass, main(config, previous)
     stage_configs:
       dpo: {beta: 0.5}
-      dpo_round2: {init_kl: ..., reward: "${judge}/merged"}   # ${name}: that earlier stage's output directory
+      ppo: {reward: ["${rm}/merged"]}          # ${name}: that earlier stage's output directory
     export: {merge: true, gguf_outtype: q8_0, ollama: true}
 
 Every key is checked against its class's fields with the file and line of the mistake and the closest key.
