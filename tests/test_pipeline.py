@@ -94,9 +94,14 @@ def test_dry_run_plans_five_stages_fast_and_reads_no_weights(pipeline, model_wit
     ({"dpo__output_dir": "x"}, "stage_configs.dpo.output_dir is set by the pipeline"),
 ])
 def test_dry_run_names_the_mistake(pipeline, model_without_weights, tmp_path, mistake, message):
+    """Each error names the pipeline file and the line of the option at fault."""
     config = write(tmp_path / "p.yaml", five_stages(model_without_weights, tmp_path / "out", **mistake))
-    with pytest.raises((ConfigError, FileNotFoundError), match=message):
+    with pytest.raises((ConfigError, FileNotFoundError), match=message) as error:
         run(pipeline, config, "--dry_run")
+    line = int(str(error.value).split("p.yaml:", 1)[1].split(":", 1)[0])
+    option = next(iter(mistake)).split("__")[1]
+    faulty = {"num_generations": "per_device_train_batch_size"}.get(option, option)  # the check names the batch first
+    assert f'"{faulty}"' in config.read_text().splitlines()[line - 1]
 
 
 def test_dry_run_names_a_malformed_record_and_a_teacher_of_another_vocabulary(pipeline, model_without_weights,

@@ -285,11 +285,23 @@ def stage_config(spec: PipelineSpec, stage: StageSpec, fixed: dict[str, Any]):
     output_dirs = {s.name: Path(spec.output_dir) / s.dir_name for s in spec.stages}
     values = {k: substitute(v, output_dirs) for k, v in stage.options.items()}
     values.update({k: v for k, v in fixed.items() if k in fields})
-    where = f"{spec.path} (stage {stage.name}, {stage.recipe})"
     lines = {k: line for k, line in stage.lines.items() if line}
     try:
         return config_from_dict(stage.config_class, values, str(spec.path), lines)
     except ConfigError as err:
-        raise ConfigError(f"{err} [stage {stage.name}, {stage.recipe}]") from err
+        raise ConfigError(f"{_located(str(err), spec, stage)} [stage {stage.name}, {stage.recipe}]") from err
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{where}: {err}") from err
+        raise FileNotFoundError(f"{_located(f'{spec.path}: {err}', spec, stage)} [stage {stage.name}, "
+                                f"{stage.recipe}]") from err
+
+
+def _located(message: str, spec: PipelineSpec, stage: StageSpec) -> str:
+    """``FILE: text`` -> ``FILE:LINE: text``, LINE being that of the first of the stage's options the text names
+    (a config's own checks name fields, not lines), else the stage's line in ``stages``."""
+    prefix = f"{spec.path}: "
+    if not message.startswith(prefix):
+        return message  # it has its line already
+    text = message[len(prefix):]
+    named = [(m.start(), stage.lines[k]) for k in stage.lines if stage.lines[k]
+             for m in [re.search(rf"\b{re.escape(k)}\b", text)] if m]
+    return f"{spec.path}:{min(named)[1] if named else stage.line}: {text}"
