@@ -157,6 +157,11 @@ def _glue_negative_numbers(argv: list[str]) -> list[str]:
     return out
 
 
+def field_default(f: dataclasses.Field):
+    """A dataclass field's default value (a fresh one for a ``default_factory``)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def _flag_help(cls, f: dataclasses.Field) -> str:
     """A field's help text and default. A recipe that only changes a shared field's default (``learning_rate:
     float = 4e-3``) keeps the help written where the field was declared, in a base class."""
@@ -168,7 +173,7 @@ def _flag_help(cls, f: dataclasses.Field) -> str:
             break
     if "default:" in text:  # the help already says what the default means
         return text
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    default = field_default(f)
     if isinstance(default, list):
         default = ",".join(map(str, default))
     return f"{text} (default: {default})"

@@ -35,9 +35,9 @@ from minift.data.read import RecordError, load_records
 from minift.infer.client import APIError, ChatClient
 from minift.lora.adapters import load_adapter
 from minift.model.load import load_model, load_tokenizer
-from minift.train.generation import generate
+from minift.train.generation import answer_accuracy
 from minift.train.jsonl_cache import JsonlCache, cache_key
-from minift.train.sampling import SamplingParams, row_seed, sample
+from minift.train.sampling import SamplingParams, row_seed, sample_chunks
 from minift.train.setup import make_accelerator
 from minift.train.stage import run_recipe
 from minift.train.teacher import load_teacher, teacher_identity
@@ -142,12 +142,10 @@ def teacher_outputs(cfg: CoTConfig, accelerator, prompts: list[dict]) -> tuple[l
         teacher = load_teacher(cfg.teacher_model_name_or_path, tokenizer, adapters=cfg.teacher_adapter,
                                dtype=cfg.teacher_dtype).to(accelerator.device)
         set_chat_template(tokenizer, cfg.chat_template)
-        for at in range(0, len(todo), 64):
-            chunk = todo[at: at + 64]
-            params = [SamplingParams(max_new_tokens=cfg.teacher_max_new_tokens, temperature=cfg.teacher_temperature,
-                                     seed=row_seed(cfg.seed, jobs[k][0], jobs[k][1])) for k in chunk]
-            for k, c in zip(chunk, sample(teacher, tokenizer, [render(tokenizer, jobs[k][2]) for k in chunk], params)):
-                add(k, c.text)
+        params = [SamplingParams(max_new_tokens=cfg.teacher_max_new_tokens, temperature=cfg.teacher_temperature,
+                                 seed=row_seed(cfg.seed, jobs[k][0], jobs[k][1])) for k in todo]
+        for n, c in sample_chunks(teacher, tokenizer, [render(tokenizer, jobs[k][2]) for k in todo], params):
+            add(todo[n], c.text)
 
     made = cache.fill(keys, accelerator, ask_api if cfg.teacher_api_base else ask_local)
     outputs = [[] for _ in prompts]
@@ -181,21 +179,18 @@ def render(tokenizer, text: str) -> list[int]:
                                          return_dict=False)
 
 
-def final_answer_accuracy(cfg: CoTConfig, adapter: str | None) -> float:
-    """The student's greedy final-answer accuracy on ``answer_eval_dataset`` (base + init adapter + ``adapter``);
+def final_answer_accuracy(cfg: CoTConfig, adapter: str | None, held_out: list[dict]) -> float:
+    """The student's greedy final-answer accuracy on the ``held_out`` prompts (base + init adapter + ``adapter``);
     with ``multitask`` it is asked for the answer directly, as the answer task was trained."""
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     set_chat_template(tokenizer, cfg.chat_template)
     model = load_model(cfg.model_name_or_path, tokenizer, dtype=cfg.dtype).eval()
     for i, path in enumerate(p for p in (cfg.init_adapter, adapter) if p):
         load_adapter(model, path, adapter_name=f"student_{i}")
-    held_out = reasoning_prompts(cfg.answer_eval_dataset, False)
     prefix = TASKS[1] if cfg.multitask else ""
-    ids = [render(tokenizer, prefix + p["prompt"]) for p in held_out]
-    texts = tokenizer.batch_decode(generate(model, tokenizer, ids, max_new_tokens=cfg.teacher_max_new_tokens),
-                                   skip_special_tokens=True)
-    got = [t.strip() if cfg.multitask else final_answer(t, cfg.answer_pattern) for t in texts]
-    return sum(g == p["answer"] for g, p in zip(got, held_out)) / len(held_out)
+    examples = [{"input_ids": render(tokenizer, prefix + p["prompt"]), "answer": p["answer"]} for p in held_out]
+    read = str.strip if cfg.multitask else (lambda text: final_answer(text, cfg.answer_pattern))
+    return answer_accuracy(model, tokenizer, examples, max_new_tokens=cfg.teacher_max_new_tokens, read=read)
 
 
 def main(cfg: CoTConfig) -> dict:
@@ -204,7 +199,7 @@ def main(cfg: CoTConfig) -> dict:
         raise ConfigError("answer_eval_dataset is required: pass --answer_eval_dataset FILE, prompts with answers held "
                           "out from dataset_name_or_path, on which the student's final answers are measured")
     prompts = reasoning_prompts(cfg.dataset_name_or_path, cfg.skip_invalid)  # data errors before any model loads
-    reasoning_prompts(cfg.answer_eval_dataset, False)
+    held_out = reasoning_prompts(cfg.answer_eval_dataset, False)
     outputs, calls = teacher_outputs(cfg, accelerator, prompts)
     records, counts = keep_correct(cfg, prompts, outputs)
     report = {**counts, **calls}
@@ -216,14 +211,14 @@ def main(cfg: CoTConfig) -> dict:
         data.parent.mkdir(parents=True, exist_ok=True)
         data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     accelerator.wait_for_everyone()
-    before = final_answer_accuracy(cfg, None) if accelerator.is_main_process else None
+    before = final_answer_accuracy(cfg, None, held_out) if accelerator.is_main_process else None
     sft_fields = {f.name for f in dataclasses.fields(SFTConfig)}
     sft_cfg = SFTConfig(**{**{k: v for k, v in vars(cfg).items() if k in sft_fields}, "dataset_name_or_path": str(data),
                            "answer_eval_dataset": None})
     result = sft(sft_cfg)
     if accelerator.is_main_process:
         report.update(final_answer_accuracy_before=before,
-                      final_answer_accuracy=final_answer_accuracy(cfg, str(Path(cfg.output_dir) / "adapter")))
+                      final_answer_accuracy=final_answer_accuracy(cfg, str(Path(cfg.output_dir) / "adapter"), held_out))
         print("\n".join([f"teacher: {counts['kept']} rationales kept, {counts['wrong']} wrong, {counts['unparsable']} "
                          f"unparsable ({100 * counts['teacher_accuracy']:.0f}% right); {calls['teacher_calls']} "
                          f"generated, {calls['teacher_cached']} from the cache",

@@ -152,8 +152,8 @@ def test_sequence_kd_generates_once(distill, teachers, data64, tmp_path, monkeyp
     import minift.train.teacher as teacher_module
 
     calls = []
-    real = teacher_module.sample
-    monkeypatch.setattr(teacher_module, "sample", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    real = teacher_module.sample_chunks
+    monkeypatch.setattr(teacher_module, "sample_chunks", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
     options = dict(teacher_model_name_or_path=str(merged), mode="sequence", max_completion_length=12)
     short(distill, data64, tmp_path, **options)
     lines = (tmp_path / "teacher_generations.jsonl").read_text().splitlines()

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minift.config import ConfigError
+from minift.config import ConfigError, field_default
 from minift.pipeline.chain import Chain
 from minift.pipeline.spec import PipelineSpec, StageSpec, check_references, stage_config
 from minift.train.dry_run import DataPlan, check_models, describe, plan_data
@@ -50,10 +50,8 @@ def getattr_default(stage: StageSpec, name: str, default):
     """An option's value for ``stage``: given in its stage_configs, else its config class's default."""
     if name in stage.options:
         return stage.options[name]
-    for f in dataclasses.fields(stage.config_class):
-        if f.name == name:
-            return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    return default
+    fields = {f.name: f for f in dataclasses.fields(stage.config_class)}
+    return field_default(fields[name]) if name in fields else default
 
 
 def _future(path: str, spec: PipelineSpec, stage: StageSpec) -> bool:
@@ -127,14 +125,8 @@ def plan_text(spec: PipelineSpec, plans: list[StagePlan]) -> str:
         lines.append(f"    export         {', '.join(parts) or 'nothing'} -> {Path(spec.output_dir) / 'export'}")
     lines.append("")
     for p in plans:
-        defaults = p.stage.config_class.__dataclass_fields__
-        changed = {}
-        for f in dataclasses.fields(p.config):
-            default = defaults[f.name].default_factory() if defaults[f.name].default_factory is not dataclasses.MISSING \
-                else defaults[f.name].default
-            value = getattr(p.config, f.name)
-            if value != default and f.name != "init_adapter":
-                changed[f.name] = value
+        changed = {f.name: getattr(p.config, f.name) for f in dataclasses.fields(p.config)
+                   if getattr(p.config, f.name) != field_default(f) and f.name != "init_adapter"}
         if p.init_adapter:
             changed["init_adapter"] = p.init_adapter
         lines.append(f"{p.stage.dir_name}: " + ", ".join(f"{k}={v}" for k, v in changed.items()))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import nn
 
 from minift.data.encode import encode_prompts
 from minift.data.formats import normalize_all
 from minift.data.read import load_records
-from minift.train.sampling import SamplingParams, sample
+from minift.train.sampling import SamplingParams, sample_chunks
 
 
 def generate(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
@@ -15,22 +17,20 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_t
     """Greedy completion token ids for each prompt (already rendered with the chat template), in batches of
     ``batch_size``, without the EOS token that ended them."""
     params = SamplingParams(max_new_tokens=max_new_tokens)
-    completions = []
-    for start in range(0, len(prompts), batch_size):
-        for c in sample(model, tokenizer, prompts[start: start + batch_size], params):
-            completions.append(c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids)
-    return completions
+    return [c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids
+            for _, c in sample_chunks(model, tokenizer, prompts, params, chunk=batch_size)]
 
 
 def answer_accuracy(model: nn.Module, tokenizer, examples: list[dict], *, max_new_tokens: int = 32,
-                    batch_size: int = 64) -> float:
-    """Share of ``examples`` (``{"input_ids", "answer"}``) whose greedy completion equals the answer (stripped)."""
+                    batch_size: int = 64, read: Callable[[str], str | None] = str.strip) -> float:
+    """Share of ``examples`` (``{"input_ids", "answer"}``) whose greedy completion, as ``read`` takes the answer out
+    of it (default: the whole text, stripped), equals the answer (stripped)."""
     if not examples:
         raise ValueError("answer_accuracy needs at least one example")
     outputs = generate(model, tokenizer, [e["input_ids"] for e in examples], max_new_tokens=max_new_tokens,
                        batch_size=batch_size)
     texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
-    return sum(t.strip() == e["answer"].strip() for t, e in zip(texts, examples)) / len(examples)
+    return sum(read(t) == e["answer"].strip() for t, e in zip(texts, examples)) / len(examples)
 
 
 def answer_eval_examples(path: str | None, tokenizer, *, max_prompt_length: int) -> list[dict]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -188,6 +188,16 @@ def sample(model: nn.Module, tokenizer, prompts: list[list[int]], params: Sampli
         return _decode(model, tokenizer, prompts, params, n, on_text)
     finally:
         model.train(was_training)
+
+
+def sample_chunks(model: nn.Module, tokenizer, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                  *, chunk: int = 64) -> Iterator[tuple[int, Completion]]:
+    """:func:`sample` (one completion a prompt), ``chunk`` prompts at a time: yields ``(prompt index, completion)``
+    as each chunk finishes, so a caller can keep what is done (a cache) and no batch grows with the list."""
+    params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    for start in range(0, len(prompts), chunk):
+        done = sample(model, tokenizer, prompts[start: start + chunk], params[start: start + chunk])
+        yield from enumerate(done, start)
 
 
 def _decode(model, tokenizer, prompts, params, n, on_text) -> list[Completion]:

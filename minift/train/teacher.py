@@ -27,7 +27,7 @@ from minift.model.attention import use_document_attention
 from minift.model.load import load_model, resolve_model_path
 from minift.train.forward import CausalLMLoss
 from minift.train.jsonl_cache import JsonlCache, cache_key
-from minift.train.sampling import SamplingParams, sample
+from minift.train.sampling import SamplingParams, sample_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -201,10 +201,8 @@ def teacher_completions(teacher: nn.Module, tokenizer, rows: list[dict], path: P
     params = SamplingParams(max_new_tokens=max_new_tokens)
 
     def produce(todo: list[int], add) -> None:
-        for start in range(0, len(todo), 64):
-            chunk = todo[start: start + 64]
-            for i, c in zip(chunk, sample(teacher, tokenizer, [prompt_of(rows[i]) for i in chunk], params)):
-                add(i, c.token_ids)
+        for k, c in sample_chunks(teacher, tokenizer, [prompt_of(rows[i]) for i in todo], params):
+            add(todo[k], c.token_ids)
 
     cache.fill(keys, accelerator, produce)
     return [with_completion(prompt_of(row), cache[key]) for row, key in zip(rows, keys)]
