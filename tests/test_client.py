@@ -44,11 +44,13 @@ def server():
             with script.lock:
                 script.in_flight += 1
                 script.most_in_flight = max(script.most_in_flight, script.in_flight)
+            if isinstance(payload, float):  # stall
+                time.sleep(payload)
+                payload = ANSWER
+            with script.lock:  # done before the reply is written: once the client reads it, it may send the next call
+                script.in_flight -= 1
+            data = json.dumps(payload).encode()
             try:
-                if isinstance(payload, float):  # stall
-                    time.sleep(payload)
-                    payload = ANSWER
-                data = json.dumps(payload).encode()
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)
@@ -57,9 +59,6 @@ def server():
                 self.wfile.write(data)
             except (BrokenPipeError, ConnectionResetError):
                 pass
-            finally:
-                with script.lock:
-                    script.in_flight -= 1
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
