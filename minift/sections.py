@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 from pathlib import Path
 
@@ -202,6 +203,9 @@ class DataSection:
     answer_eval_dataset: str | None = opt("auto", "prompts with answers for greedy exact match; "
                                                    "auto = demo eval with demo data", resumable=True)
     max_new_tokens: int = opt(16, "generation budget of the exact-match eval", resumable=True)
+    answer_pattern: str | None = opt(None, "exact match reads the answer out of each completion with this regular "
+                                           "expression (its group, if it has one; the last match); none: the whole "
+                                           "completion", resumable=True)
 
     def check(self) -> None:
         require([(self.truncation in ("truncate", "drop"), f"truncation must be truncate or drop, got {self.truncation!r}"),
@@ -209,6 +213,13 @@ class DataSection:
                   (self.pad_to_multiple_of >= 0, f"pad_to_multiple_of must be >= 0, got {self.pad_to_multiple_of}"),
                   (bool(self.dataset_name_or_path), "dataset_name_or_path is required")])
         check_paths(self, ("dataset_name_or_path", "eval_dataset", "answer_eval_dataset"), ("chat_template",))
+        if self.answer_pattern is not None:
+            try:
+                groups = re.compile(self.answer_pattern, re.M).groups
+            except re.error as err:
+                raise ValueError(f"answer_pattern {self.answer_pattern!r} is not a regular expression: {err}") from None
+            require([(groups <= 1, f"answer_pattern {self.answer_pattern!r} may have one group (the answer), not "
+                                   f"{groups}")])
         if self.answer_eval_dataset == "auto":
             demo = self.DEMO_DATA is not None and Path(self.dataset_name_or_path).resolve() == self.DEMO_DATA
             self.answer_eval_dataset = str(self.DEMO_EVAL) if demo and self.DEMO_EVAL else None

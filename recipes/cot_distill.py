@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,9 +32,8 @@ from minift.data.encode import set_chat_template
 from minift.data.formats import normalize_all
 from minift.data.read import RecordError, load_records
 from minift.infer.client import APIError, ChatClient
-from minift.lora.adapters import load_adapter
-from minift.model.load import load_model, load_tokenizer
-from minift.train.generation import answer_accuracy
+from minift.model.load import load_tokenizer
+from minift.train.generation import final_answer
 from minift.train.jsonl_cache import JsonlCache, cache_key
 from minift.train.sampling import SamplingParams, row_seed, sample_chunks
 from minift.train.setup import make_accelerator
@@ -72,7 +70,8 @@ class CoTConfig(SFTConfig):
     teacher_temperature: float = field(default=0.0, metadata={"help": "0: greedy; num_samples > 1 needs > 0"})
     num_samples: int = field(default=1, metadata={"help": "rationales per prompt (k)"})
     answer_pattern: str = field(default=r"Answer:\s*(.+?)\s*$", metadata={
-        "help": "regular expression of the final answer; group 1 if it has one"})
+        "help": "regular expression of the final answer (group 1 if it has one), in the teacher's outputs and the "
+                "student's"})
     multitask: bool = field(default=False, metadata={"help": "distilling step-by-step: rationale and answer as two "
                                                              "targets with task prefixes"})
     num_train_epochs: float = 10.0
@@ -90,21 +89,6 @@ class CoTConfig(SFTConfig):
                   (self.teacher_concurrency >= 1 and self.teacher_timeout > 0 and self.teacher_max_retries >= 0,
                    "teacher_concurrency must be >= 1, teacher_timeout > 0 and teacher_max_retries >= 0")]
         require(checks)
-        try:
-            pattern = re.compile(self.answer_pattern, re.M)
-        except re.error as err:
-            raise ValueError(f"answer_pattern {self.answer_pattern!r} is not a regular expression: {err}") from None
-        if pattern.groups > 1:
-            raise ValueError(f"answer_pattern {self.answer_pattern!r} may have one group (the answer), not "
-                             f"{pattern.groups}")
-
-
-def final_answer(text: str, pattern: str) -> str | None:
-    """The last match of ``pattern`` in ``text`` (its group, if it has one), stripped; None when there is none."""
-    found = list(re.finditer(pattern, text, re.M))
-    if not found:
-        return None
-    return (found[-1].group(1) if found[-1].re.groups else found[-1].group(0)).strip()
 
 
 def reasoning_prompts(path: str, skip_invalid: bool) -> list[dict]:
@@ -179,20 +163,6 @@ def render(tokenizer, text: str) -> list[int]:
                                          return_dict=False)
 
 
-def final_answer_accuracy(cfg: CoTConfig, adapter: str | None, held_out: list[dict]) -> float:
-    """The student's greedy final-answer accuracy on the ``held_out`` prompts (base + init adapter + ``adapter``);
-    with ``multitask`` it is asked for the answer directly, as the answer task was trained."""
-    tokenizer = load_tokenizer(cfg.model_name_or_path)
-    set_chat_template(tokenizer, cfg.chat_template)
-    model = load_model(cfg.model_name_or_path, tokenizer, dtype=cfg.dtype).eval()
-    for i, path in enumerate(p for p in (cfg.init_adapter, adapter) if p):
-        load_adapter(model, path, adapter_name=f"student_{i}")
-    prefix = TASKS[1] if cfg.multitask else ""
-    examples = [{"input_ids": render(tokenizer, prefix + p["prompt"]), "answer": p["answer"]} for p in held_out]
-    read = str.strip if cfg.multitask else (lambda text: final_answer(text, cfg.answer_pattern))
-    return answer_accuracy(model, tokenizer, examples, max_new_tokens=cfg.teacher_max_new_tokens, read=read)
-
-
 def main(cfg: CoTConfig) -> dict:
     accelerator = make_accelerator(cfg)
     if not cfg.answer_eval_dataset:
@@ -206,27 +176,36 @@ def main(cfg: CoTConfig) -> dict:
     if not records:
         raise ConfigError(f"no teacher output reached its reference answer ({counts}); check answer_pattern and "
                           f"teacher_prompt against {Path(cfg.output_dir) / 'teacher_outputs.jsonl'}")
-    data = Path(cfg.output_dir) / "rationales.jsonl"
+    out = Path(cfg.output_dir)
+    # the SFT stage measures the final answers before and after; with multitask it asks for them directly
+    answer_eval = out / "answer_eval.jsonl" if cfg.multitask else Path(cfg.answer_eval_dataset)
     if accelerator.is_main_process:
-        data.parent.mkdir(parents=True, exist_ok=True)
-        data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        out.mkdir(parents=True, exist_ok=True)
+        write_jsonl(out / "rationales.jsonl", records)
+        if cfg.multitask:
+            write_jsonl(answer_eval, [{"prompt": TASKS[1] + p["prompt"], "answer": p["answer"]} for p in held_out])
     accelerator.wait_for_everyone()
-    before = final_answer_accuracy(cfg, None, held_out) if accelerator.is_main_process else None
     sft_fields = {f.name for f in dataclasses.fields(SFTConfig)}
-    sft_cfg = SFTConfig(**{**{k: v for k, v in vars(cfg).items() if k in sft_fields}, "dataset_name_or_path": str(data),
-                           "answer_eval_dataset": None})
-    result = sft(sft_cfg)
+    result = sft(SFTConfig(**{**{k: v for k, v in vars(cfg).items() if k in sft_fields},
+                              "dataset_name_or_path": str(out / "rationales.jsonl"),
+                              "answer_eval_dataset": str(answer_eval), "max_new_tokens": cfg.teacher_max_new_tokens,
+                              "answer_pattern": None if cfg.multitask else cfg.answer_pattern}))
     if accelerator.is_main_process:
-        report.update(final_answer_accuracy_before=before,
-                      final_answer_accuracy=final_answer_accuracy(cfg, str(Path(cfg.output_dir) / "adapter"), held_out))
+        report.update(final_answer_accuracy_before=result.pop("answer_accuracy_before"),
+                      final_answer_accuracy=result.pop("answer_accuracy"))
         print("\n".join([f"teacher: {counts['kept']} rationales kept, {counts['wrong']} wrong, {counts['unparsable']} "
                          f"unparsable ({100 * counts['teacher_accuracy']:.0f}% right); {calls['teacher_calls']} "
                          f"generated, {calls['teacher_cached']} from the cache",
-                         f"student final-answer accuracy on held-out prompts: {100 * before:.0f}% -> "
+                         f"student final-answer accuracy on held-out prompts: "
+                         f"{100 * report['final_answer_accuracy_before']:.0f}% -> "
                          f"{100 * report['final_answer_accuracy']:.0f}%"]))
-        (Path(cfg.output_dir) / "cot_distill.json").write_text(json.dumps(report, indent=2))
+        (out / "cot_distill.json").write_text(json.dumps(report, indent=2))
     accelerator.wait_for_everyone()
     return {**result, **report}
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from minift.config import require
 from minift.data.packing import collate_flat, collate_padded, pack_examples
 from minift.model.vocab import shared_vocabulary
 from minift.train.forward import CausalLMLoss, DistillLoss
-from minift.train.generation import answer_metrics
 from minift.train.sampling import SamplingParams, row_seed, sample
 from minift.train.stage import Stage, run_recipe
 from minift.train.teacher import (
@@ -183,8 +182,7 @@ def main(cfg: DistillConfig) -> dict:
         if eval_batches:
             stage.state["before"]["eval_kl_before"] = evaluate()["eval_kl"]
         if teacher_model is not None and accelerator.is_main_process:
-            stage.state["before"].update({f"teacher_{k}": v for k, v in answer_metrics(
-                teacher_model, tokenizer, stage.answer_examples, max_new_tokens=cfg.max_new_tokens).items()})
+            stage.state["before"].update({f"teacher_{k}": v for k, v in stage.answer_metrics(teacher_model).items()})
     for window in stage.steps():
         sampled = [b.pop("sampled") for b in window if "sampled" in b]
         if cfg.mode != "sequence":

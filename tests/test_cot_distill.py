@@ -59,6 +59,10 @@ def test_final_answers_are_read_as_configured(cot):
     assert counts == {"kept": 1, "wrong": 1, "unparsable": 1, "teacher_accuracy": 1 / 3}
     assert records == [{"prompt": "[rationale] p", "completion": "so Answer: b a"},
                        {"prompt": "[answer] p", "completion": "b a"}]
+    with pytest.raises(ValueError, match="may have one group"):
+        cot.CoTConfig(teacher_model_name_or_path="tiny", answer_pattern="(a)(b)")
+    with pytest.raises(ValueError, match="not a regular expression"):  # the data section's check, in every recipe
+        load_recipe("sft").SFTConfig(answer_pattern="Answer: (")
 
 
 @pytest.mark.slow
@@ -148,11 +152,16 @@ def test_a_failing_api_is_retried_then_named(tiny_dir, tmp_path):
     teacher = rule_teacher(plan=[429, 500])  # one 429 (Retry-After 0), one 500, then answers
     try:
         proc = run_cot(*QUICK, "--teacher_api_base", teacher.url, "--teacher_model", "rules", "--dataset_name_or_path",
-                       data, "--output_dir", tmp_path / "ok", "--teacher_concurrency", "1")
+                       data, "--output_dir", tmp_path / "ok", "--teacher_concurrency", "1", "--multitask", "true")
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert teacher.answered == 4
     finally:
         teacher.close()
+    # multitask: the SFT stage measures the held-out answers asked for directly, as the answer task trains them
+    held_out = [json.loads(line) for line in (tmp_path / "ok" / "answer_eval.jsonl").open()]
+    assert len(held_out) == 100 and all(r["prompt"].startswith("[answer] Reverse the words:") for r in held_out)
+    report = json.loads((tmp_path / "ok" / "cot_distill.json").read_text())
+    assert 0 <= report["final_answer_accuracy_before"] <= 1 and 0 <= report["final_answer_accuracy"] <= 1
     broken = rule_teacher(plan=[500] * 100)
     silent = rule_teacher(stall=30.0)
     try:

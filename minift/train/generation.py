@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import re
 
 from torch import nn
 
@@ -21,16 +21,25 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_t
             for _, c in sample_chunks(model, tokenizer, prompts, params, chunk=batch_size)]
 
 
+def final_answer(text: str, pattern: str) -> str | None:
+    """The last match of ``pattern`` in ``text`` (its group, if it has one), stripped; None when there is none."""
+    found = list(re.finditer(pattern, text, re.M))
+    if not found:
+        return None
+    return (found[-1].group(1) if found[-1].re.groups else found[-1].group(0)).strip()
+
+
 def answer_accuracy(model: nn.Module, tokenizer, examples: list[dict], *, max_new_tokens: int = 32,
-                    batch_size: int = 64, read: Callable[[str], str | None] = str.strip) -> float:
-    """Share of ``examples`` (``{"input_ids", "answer"}``) whose greedy completion, as ``read`` takes the answer out
-    of it (default: the whole text, stripped), equals the answer (stripped)."""
+                    batch_size: int = 64, answer_pattern: str | None = None) -> float:
+    """Share of ``examples`` (``{"input_ids", "answer"}``) whose greedy completion equals the answer (both
+    stripped); with ``answer_pattern``, the completion's :func:`final_answer` is compared instead."""
     if not examples:
         raise ValueError("answer_accuracy needs at least one example")
     outputs = generate(model, tokenizer, [e["input_ids"] for e in examples], max_new_tokens=max_new_tokens,
                        batch_size=batch_size)
     texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
-    return sum(read(t) == e["answer"].strip() for t, e in zip(texts, examples)) / len(examples)
+    got = [final_answer(t, answer_pattern) if answer_pattern else t.strip() for t in texts]
+    return sum(g == e["answer"].strip() for g, e in zip(got, examples)) / len(examples)
 
 
 def answer_eval_examples(path: str | None, tokenizer, *, max_prompt_length: int) -> list[dict]:
@@ -42,8 +51,10 @@ def answer_eval_examples(path: str | None, tokenizer, *, max_prompt_length: int)
     return encode_prompts(prompts.examples, tokenizer, max_prompt_length=max_prompt_length)[0]
 
 
-def answer_metrics(model: nn.Module, tokenizer, examples: list[dict], *, max_new_tokens: int, suffix: str = "") -> dict:
+def answer_metrics(model: nn.Module, tokenizer, examples: list[dict], *, max_new_tokens: int,
+                   answer_pattern: str | None = None, suffix: str = "") -> dict:
     """``{"answer_accuracy" + suffix: greedy exact match}`` on ``examples``; empty when there are none."""
     if not examples:
         return {}
-    return {"answer_accuracy" + suffix: answer_accuracy(model, tokenizer, examples, max_new_tokens=max_new_tokens)}
+    return {"answer_accuracy" + suffix: answer_accuracy(model, tokenizer, examples, max_new_tokens=max_new_tokens,
+                                                        answer_pattern=answer_pattern)}

@@ -140,10 +140,12 @@ class Stage:
                                                     max_prompt_length=getattr(self.cfg, "max_seq_length", 0))
         return self.tokenizer
 
-    def answer_metrics(self, suffix: str = "") -> dict:
-        """Greedy exact match on the configured answer eval set (``{}`` when there is none)."""
-        return answer_metrics(self.model, self.tokenizer, self.answer_examples,
-                              max_new_tokens=getattr(self.cfg, "max_new_tokens", 16), suffix=suffix)
+    def answer_metrics(self, model=None, *, suffix: str = "") -> dict:
+        """Greedy exact match of ``model`` (default: the one trained) on the configured answer eval set (``{}``
+        when there is none)."""
+        return answer_metrics(self.model if model is None else model, self.tokenizer, self.answer_examples,
+                              max_new_tokens=getattr(self.cfg, "max_new_tokens", 16),
+                              answer_pattern=getattr(self.cfg, "answer_pattern", None), suffix=suffix)
 
     def load_model(self, task: str = "causal_lm"):
         """Base model, the frozen init adapter (if any), and the trainable adapter (or every weight); ``task``
@@ -322,8 +324,9 @@ class Stage:
 
 def run_recipe(main, config_class, doc: str, errors: tuple[type[Exception], ...] = (), parse=None) -> None:
     """A recipe script's ``__main__``: config from flags and YAML (or ``parse()``, a script with flags of its own),
-    ``main(config)`` (with ``--dry_run``: the checks of :mod:`minift.train.dry_run` instead), and any config or data mistake (or one of the recipe's own ``errors``, such as an API that
-    keeps failing) printed as one ``error:`` line (exit status 1) instead of a traceback."""
+    ``main(config)`` (with ``--dry_run``: the checks of :mod:`minift.train.dry_run` instead), and any config or
+    data mistake (or one of the recipe's own ``errors``, such as an API that keeps failing) printed as one
+    ``error:`` line (exit status 1) instead of a traceback."""
     finished = False
     try:
         if parse:
