@@ -85,8 +85,10 @@ def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown key {key!r}{hint}")
 
 
-def read_yaml(path: str | Path) -> dict[str, tuple[Any, int]]:
-    """A YAML mapping as ``{key: (value, line)}``; errors name the file and line."""
+def load_yaml(path: str | Path) -> tuple[dict, dict[tuple, int]]:
+    """A YAML mapping, and the 1-based line of every key and list item by its path (``("stages", 0, "name")``).
+    Errors name the file and line; a key given twice at any depth is one (YAML itself lets the last one win,
+    silently)."""
     import yaml
 
     path = Path(path)
@@ -101,17 +103,35 @@ def read_yaml(path: str | Path) -> dict[str, tuple[Any, int]]:
         line = f":{mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', err)})") from err
     if data is None:
-        return {}
+        return {}, {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-    lines: dict[str, int] = {}
-    for key, _ in node.value:
-        line = key.start_mark.line + 1
-        if key.value in lines:  # YAML itself lets the last one win, silently
-            raise ConfigError(f"{path}:{line}: key {key.value!r} is given twice (first on line {lines[key.value]}); "
-                              f"keep one")
-        lines[key.value] = line
-    return {k: (v, lines.get(k, 0)) for k, v in data.items()}
+    return data, _yaml_lines(node, str(path))
+
+
+def _yaml_lines(node, where: str, prefix: tuple = ()) -> dict[tuple, int]:
+    import yaml
+
+    out: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path, line = prefix + (key.value,), key.start_mark.line + 1
+            if path in out:
+                raise ConfigError(f"{where}:{line}: key {'.'.join(map(str, path))!r} is given twice (first on line "
+                                  f"{out[path]}); keep one")
+            out[path] = line
+            out.update(_yaml_lines(value, where, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            out[prefix + (i,)] = value.start_mark.line + 1
+            out.update(_yaml_lines(value, where, prefix + (i,)))
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, tuple[Any, int]]:
+    """A YAML mapping as ``{key: (value, line)}`` (see :func:`load_yaml`)."""
+    data, lines = load_yaml(path)
+    return {k: (v, lines.get((k,), 0)) for k, v in data.items()}
 
 
 def _checked(cls, values: dict[str, Any], where: str, lines: dict[str, int] | None = None) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from minift.config import ConfigError, config_from_dict, opt
+from minift.config import ConfigError, config_from_dict, load_yaml, opt
 
 START_FROM = ("adapter", "merged", "base")
 SIDE_RECIPES = ("reward_model",)  # their output is not a policy: later stages name it, none starts from it
@@ -97,37 +97,6 @@ class PipelineSpec:
     names: dict[str, StageSpec] = field(default_factory=dict)
 
 
-def _lines(node, where: str, prefix: tuple = ()) -> dict[tuple, int]:
-    """Every mapping key's and sequence item's 1-based line in a composed YAML node, by its path. A key given twice
-    in one mapping is an error (YAML itself lets the last one win, silently)."""
-    import yaml
-
-    out: dict[tuple, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            path, line = prefix + (key.value,), key.start_mark.line + 1
-            if path in out:
-                raise ConfigError(f"{where}:{line}: key {'.'.join(map(str, path))!r} is given twice (first on line "
-                                  f"{out[path]}); keep one")
-            out[path] = line
-            out.update(_lines(value, where, path))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, value in enumerate(node.value):
-            out[prefix + (i,)] = value.start_mark.line + 1
-            out.update(_lines(value, where, prefix + (i,)))
-    return out
-
-
-def read_pipeline_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
-    import yaml
-
-    from minift.config import read_yaml
-
-    read_yaml(path)  # missing file, bad YAML: named with the line
-    text = path.read_text(encoding="utf-8")
-    return yaml.safe_load(text) or {}, _lines(yaml.compose(text), str(path))
-
-
 def load_recipe(recipe: str, recipes_dir: Path, where: str):
     """A built-in recipe by file name (``recipes/<recipe>.py``) or a user's ``package.module``; either exposes
     ``main(config[, previous])`` whose first parameter is annotated with its config dataclass."""
@@ -184,10 +153,8 @@ def parse_pipeline(path: str | Path, recipes_dir: Path, *, model_name_or_path: s
                    output_dir: str | None = None) -> PipelineSpec:
     """Read and check the file's structure and stage names; stage options are checked by :func:`stage_config`."""
     path = Path(path)
-    data, lines = read_pipeline_yaml(path)
+    data, lines = load_yaml(path)
     where = str(path)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping with model_name_or_path, output_dir, stages")
     top = ("model_name_or_path", "output_dir", "stages", "stage_configs", "export")
     for key in data:
         if key not in top:
