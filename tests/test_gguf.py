@@ -637,9 +637,11 @@ def test_cli(tiny_dir, tmp_path):
     assert bad.stderr.strip().splitlines() == [f"error: model directory {tmp_path / 'missing'} does not exist"]
 
 
-def test_sharded_checkpoint_and_small_chunks_give_the_same_file(tiny_dir, gpt2_dir, models, tmp_path, monkeypatch):
-    """Sharded weights, and chunks far smaller than a tensor (Q/K chunks cut at head boundaries, GPT-2's
-    transposed weights split after the transpose), write exactly the bytes of the one-chunk conversion."""
+def test_sharded_checkpoint_and_small_chunks_give_the_same_file(tiny_dir, gpt2_dir, models, random_adapters, tmp_path,
+                                                                monkeypatch):
+    """Sharded weights, and chunks far smaller than a tensor (Q/K chunks cut at head boundaries, also when an adapter
+    is merged, GPT-2's transposed weights split after the transpose), write exactly the bytes of the one-chunk
+    conversion."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from minift.export.gguf import convert as gguf_convert
@@ -648,13 +650,14 @@ def test_sharded_checkpoint_and_small_chunks_give_the_same_file(tiny_dir, gpt2_d
     AutoModelForCausalLM.from_pretrained(tiny_dir).save_pretrained(sharded, max_shard_size="200KB")
     AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(sharded)
     assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("*.safetensors"))) > 1
-    cases = [(tiny_dir, sharded, "q8_0"), (models["bf16"], models["bf16"], "bf16"), (gpt2_dir, gpt2_dir, "q4_0")]
-    for i, (base, other, outtype) in enumerate(cases):
-        one = convert(base, tmp_path / f"one{i}" / "m.gguf", outtype=outtype)
+    cases = [(tiny_dir, sharded, "q8_0", []), (models["bf16"], models["bf16"], "bf16", []),
+             (gpt2_dir, gpt2_dir, "q4_0", []), (tiny_dir, tiny_dir, "f32", [random_adapters / "a"])]
+    for i, (base, other, outtype, adapters) in enumerate(cases):
+        one = convert(base, tmp_path / f"one{i}" / "m.gguf", outtype=outtype, adapters=adapters)
         with monkeypatch.context() as patch:
             patch.setattr(gguf_convert, "CHUNK_VALUES", 100)  # 1-2 rows of 64 values; Q/K: one 16-row head
             patch.setattr(gguf_convert, "COPY_BYTES", 1000)
-            many = convert(other, tmp_path / f"many{i}" / "m.gguf", outtype=outtype)
+            many = convert(other, tmp_path / f"many{i}" / "m.gguf", outtype=outtype, adapters=adapters)
         a, b = GGUFReader(one), GGUFReader(many)
         assert {k: v for k, v in fields(a).items() if k != "general.name"} == \
             {k: v for k, v in fields(b).items() if k != "general.name"}

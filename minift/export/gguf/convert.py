@@ -129,6 +129,15 @@ def _finish(x: np.ndarray, p: Planned) -> np.ndarray:
     return encode_rows(x, p.type)
 
 
+def _row_step(p: Planned, rows: int, cols: int) -> int:
+    """Rows converted at a time: about ``CHUNK_VALUES`` values, cut at whole heads where heads are interleaved."""
+    step = max(1, CHUNK_VALUES // cols)
+    if p.transform.interleave_heads:
+        head_dim = rows // p.transform.interleave_heads
+        step = max(1, step // head_dim) * head_dim
+    return step
+
+
 def tensor_chunks(source: SafetensorsSource, p: Planned):
     """Yield the bytes of planned tensor ``p`` in chunks, releasing the source pages behind them."""
     if p.values is not None:
@@ -149,14 +158,11 @@ def tensor_chunks(source: SafetensorsSource, p: Planned):
         x = x.reshape(t.shape).T if p.transform.transpose else x
         x = apply_merges(x, p.merges) if p.merges else np.ascontiguousarray(x)
         source.release(t, 0, rows * cols * np.dtype(DTYPES[t.dtype][0]).itemsize)
-        step = max(1, CHUNK_VALUES // x.shape[1])
+        step = _row_step(p, *x.shape)
         for start in range(0, x.shape[0], step):
             yield _finish(x[start:start + step], p)
         return
-    step = max(1, CHUNK_VALUES // cols)
-    if p.transform.interleave_heads:
-        head_dim = rows // p.transform.interleave_heads
-        step = max(1, step // head_dim) * head_dim
+    step = _row_step(p, rows, cols)
     itemsize = np.dtype(DTYPES[t.dtype][0]).itemsize
     for start in range(0, rows, step):
         stop = min(start + step, rows)
