@@ -17,7 +17,7 @@ from minift.config import check_paths, opt, require
 
 @dataclasses.dataclass
 class ModelSection:
-    model_name_or_path: str = opt("tiny", "base model: directory, hub id, or 'tiny'")
+    model_name_or_path: str = opt("tiny", "base model: directory, .gguf file, hub id, or 'tiny'")
     dtype: str = opt("float32", "weights dtype: float32, bfloat16, float16")
     use_4bit: bool = opt(False, "QLoRA: NF4 base (bitsandbytes)")
     use_8bit: bool = opt(False, "8-bit base (bitsandbytes)")

@@ -50,7 +50,7 @@ class CoTConfig(SFTConfig):
     dataset_name_or_path: str = str(DEMO_DATA)
     output_dir: str = "out/cot_distill"
     teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "a local teacher: model "
-                                                                                   "directory, hub id or 'tiny'"})
+                                                                                   "directory, .gguf file, hub id or 'tiny'"})
     teacher_adapter: list[str] = field(default_factory=list, metadata={"help": "adapters folded into the local "
                                                                                "teacher, in order"})
     teacher_dtype: str = field(default="float32", metadata={"help": "local teacher weights dtype"})

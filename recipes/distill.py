@@ -50,7 +50,7 @@ MODES = ("offline", "on_policy", "sequence")
 @dataclass
 class DistillConfig(SFTConfig):
     teacher_model_name_or_path: str | None = field(default=None, metadata={
-        "help": "the teacher: a model directory, hub id or 'tiny' (same tokenizer as the student)"})
+        "help": "the teacher: a model directory, .gguf file, hub id or 'tiny' (same tokenizer as the student)"})
     teacher_adapter: list[str] = field(default_factory=list, metadata={
         "help": "adapters folded into the teacher, in order, comma-separated"})
     teacher_dtype: str = field(default="float32", metadata={"help": "teacher weights dtype"})

@@ -48,7 +48,7 @@ MODES = ("online_dpo", "grpo")
 class RLAIFConfig(GRPOConfig):
     mode: str = field(default="online_dpo", metadata={"help": "online_dpo (best vs worst of each prompt) or grpo"})
     judge_model_name_or_path: str | None = field(default=None, metadata={"help": "a local judge: model directory, "
-                                                                               "hub id or 'tiny'"})
+                                                                               ".gguf file, hub id or 'tiny'"})
     judge_adapter: list[str] = field(default_factory=list, metadata={"help": "adapters folded into the local judge"})
     judge_api_base: str | None = field(default=None, metadata={"help": "an API judge: an OpenAI-compatible endpoint"})
     judge_model: str | None = field(default=None, metadata={"help": "the API judge's model name"})

@@ -3,7 +3,7 @@
     python tools/convert_to_gguf.py MODEL_DIR -o OUT.gguf [--outtype f32|f16|bf16|q8_0|q4_0]
                                     [--adapter DIR ...] [--lora-only] [--ollama]
 
-MODEL_DIR is a saved HF model (safetensors) or ``tiny``; architectures: llama, mistral, qwen2, gemma,
+MODEL_DIR is a saved HF model (safetensors), a ``.gguf`` file (dequantized once into minift's cache) or ``tiny``; architectures: llama, mistral, qwen2, gemma,
 phi3, gpt2. ``--adapter`` merges PEFT-format adapters (minift's or peft's) in order while converting;
 with ``--lora-only`` they are written instead as a llama.cpp LoRA adapter GGUF for the base MODEL_DIR
 (``llama-cli -m base.gguf --lora OUT.gguf``). ``--ollama`` also writes a ``Modelfile`` next to
@@ -18,12 +18,13 @@ import sys
 from pathlib import Path
 
 from minift.export.gguf.convert import OUTTYPES, convert
+from minift.model.from_gguf import is_gguf_file
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_dir", help="HF model directory (config.json, *.safetensors, tokenizer files), "
-                                          "or 'tiny' for minift's built-in model")
+    parser.add_argument("model_dir", help="HF model directory (config.json, *.safetensors, tokenizer files), a .gguf "
+                                          "file, or 'tiny' for minift's built-in model")
     parser.add_argument("-o", "--output", required=True, help="the .gguf file to write")
     parser.add_argument("--outtype", choices=list(OUTTYPES), default="f16",
                         help="tensor type of the 2-D weights (default f16); norms and biases stay f32")
@@ -35,11 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model_dir = args.model_dir
-    if model_dir == "tiny":  # imported only here: minift.model.load pulls in torch, which the conversion does not need
-        from minift.model.load import tiny_model_dir
-
-        model_dir = tiny_model_dir()
     try:
+        if model_dir == "tiny" or is_gguf_file(model_dir):  # imported only here: minift.model.load pulls in torch
+            from minift.model.load import resolve_model_path
+
+            model_dir = resolve_model_path(model_dir)
         out = convert(model_dir, args.output, outtype=args.outtype, adapters=args.adapter,
                       lora_only=args.lora_only, ollama=args.ollama, progress=True)
     except (ValueError, FileNotFoundError) as err:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from minift.data.encode import CHATML_TEMPLATE
+from minift.model.from_gguf import gguf_model_dir, is_gguf_file
 
 logger = logging.getLogger(__name__)
 
@@ -122,16 +123,20 @@ def build_tiny_model(out_dir: str | Path, corpus: str | None = None) -> None:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """``tiny`` -> the built tiny model; an existing directory -> itself (checked); else a hub id."""
+    """``tiny`` -> the built tiny model; a ``.gguf`` file -> its dequantized copy (built once, then cached); an
+    existing directory -> itself (checked); else a hub id."""
     if name_or_path == TINY:
         return str(tiny_model_dir())
     path = Path(name_or_path).expanduser()
+    if is_gguf_file(path):
+        return str(gguf_model_dir(path))
     if path.exists():
         if not path.is_dir():
-            raise ValueError(f"{path} is a file; pass the model's directory (with config.json and weights)")
+            raise ValueError(f"{path} is a file; pass the model's directory (with config.json and weights) or a "
+                             f".gguf file")
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
-                f"{path} holds no model: no config.json. Pass a directory written by save_pretrained, "
+                f"{path} holds no model: no config.json. Pass a directory written by save_pretrained, a .gguf file, "
                 f"a hub id such as 'Qwen/Qwen2.5-0.5B', or 'tiny' for the built-in test model."
             )
         return str(path)

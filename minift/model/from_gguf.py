@@ -1,0 +1,116 @@
+"""A GGUF file as a starting point: dequantized once into a cached safetensors model directory.
+
+    python recipes/sft.py --model_name_or_path path/model.gguf
+
+transformers' GGUF loader reads the file (every architecture and tensor type it knows); minift writes the model it
+returns, with the file's tokenizer and chat template, into ``cache_dir()/gguf-<sha256 of the file>`` and hands that
+directory to every later step. So the second run starts at once, and training, merging, serving and exporting take
+the path a normal model takes. The file is checked before the slow part: a file that is not a GGUF, a LoRA adapter
+GGUF, an architecture or a tensor type the loader cannot read is one error naming the file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+_MAGIC = b"GGUF"
+_FP32_LIMIT = 2_000_000_000  # parameters: up to here the cache keeps the exact dequantized float32 weights
+
+
+def is_gguf_file(path: str | Path) -> bool:
+    """Whether ``path`` names a file with the ``.gguf`` suffix (what ``--model_name_or_path`` treats as GGUF)."""
+    path = Path(path).expanduser()
+    return path.suffix.lower() == ".gguf" and path.is_file()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_gguf(path: Path) -> tuple[str, int]:
+    """The file's architecture and parameter count, or a ValueError saying why transformers cannot load it."""
+    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf.quants import _type_traits
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    with open(path, "rb") as f:
+        if f.read(4) != _MAGIC:
+            raise ValueError(f"{path} is not a GGUF file (it does not start with b'GGUF')")
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, OSError) as err:
+        raise ValueError(f"{path}: unreadable GGUF ({err}); the file may be truncated") from err
+
+    def field(key: str):
+        value = reader.get_field(key)
+        return None if value is None else value.contents()
+
+    if field("general.type") == "adapter":
+        raise ValueError(f"{path} is a LoRA adapter GGUF, not a model; pass the base model's GGUF (or directory)")
+    arch = field("general.architecture")
+    known = sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
+    if arch not in known:
+        raise ValueError(f"{path}: architecture {arch!r} is not one transformers' GGUF loader reads "
+                         f"({', '.join(known)}); convert the original model instead")
+    readable = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, *_type_traits}
+    bad = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type not in readable})
+    if bad:
+        raise ValueError(f"{path}: tensor type(s) {', '.join(bad)} cannot be dequantized by the installed gguf "
+                         f"package; re-quantize the model to a common type (q8_0, q4_k_m, f16)")
+    return arch, sum(int(t.n_elements) for t in reader.tensors)
+
+
+def gguf_model_dir(path: str | Path) -> Path:
+    """The cached model directory of a GGUF file, written on first use (under a lock, so that the processes of
+    one launch convert it once)."""
+    import torch
+
+    from minift.model.load import cache_dir
+
+    path = Path(path).expanduser().resolve()
+    target = cache_dir() / f"gguf-{file_sha256(path)[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be converting the same file: wait for it
+        if (target / "config.json").is_file():
+            return target
+        arch, n_params = check_gguf(path)
+        dtype = torch.float32 if n_params <= _FP32_LIMIT else torch.bfloat16
+        logger.info("dequantizing %s (%s, %.0fM parameters) into %s as %s; later runs reuse it", path.name, arch,
+                    n_params / 1e6, target, str(dtype).replace("torch.", ""))
+        tmp = Path(tempfile.mkdtemp(prefix=".gguf-build-", dir=target.parent))
+        try:
+            _dequantize(path, tmp, dtype)
+            for item in (tmp, *tmp.iterdir()):  # mkdtemp and safetensors create owner-only modes
+                item.chmod(0o755 if item.is_dir() else 0o644)
+            os.rename(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _dequantize(path: Path, out: Path, dtype) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # The loaded model is marked as quantized with gguf, which save_pretrained refuses; its weights are plain tensors.
+    del model.config.quantization_config
+    model.hf_quantizer, model.is_quantized = None, False
+    model.config.name_or_path = str(path)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "SOURCE").write_text(f"dequantized by minift from {path}\n", encoding="utf-8")

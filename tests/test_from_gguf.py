@@ -1,0 +1,108 @@
+"""A GGUF file as the model: minift's own GGUF of the tiny model goes through transformers' GGUF loader into a cached
+safetensors directory, and comes back with the same logits, tokens and chat template; bad files are refused early."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, load_recipe
+from minift.export.gguf.convert import convert
+from minift.export.gguf.writer import Tensor, TensorType, string, write_gguf
+from minift.model import from_gguf
+from minift.model.load import cache_dir, load_model_and_tokenizer, resolve_model_path
+
+TEXT = "<|im_start|>user\nReverse the words: cat dog<|im_end|>\n<|im_start|>assistant\n dog   cat 42 né"
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-gguf")
+    return {t: convert(tiny_dir, out / f"tiny-{t}.gguf", outtype=t) for t in ("f32", "q8_0")}
+
+
+def test_gguf_loads_as_the_model_it_was_written_from(tiny_dir, tiny_gguf, monkeypatch):
+    base, tokenizer = load_model_and_tokenizer(str(tiny_dir))
+    for outtype, tolerance in (("f32", 0.0), ("q8_0", 0.05)):  # q8_0: relative to the largest logit
+        model, gguf_tokenizer = load_model_and_tokenizer(str(tiny_gguf[outtype]))
+        ids = tokenizer(TEXT)["input_ids"]
+        assert gguf_tokenizer(TEXT)["input_ids"] == ids
+        assert gguf_tokenizer.chat_template == tokenizer.chat_template
+        assert (gguf_tokenizer.eos_token, gguf_tokenizer.pad_token) == (tokenizer.eos_token, tokenizer.pad_token)
+        with torch.no_grad():
+            x = torch.tensor([ids])
+            logits, expected = model(x).logits, base(x).logits
+        diff = (logits - expected).abs().max().item()
+        assert diff <= tolerance * expected.abs().max().item(), (outtype, diff)
+        assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+        if outtype == "q8_0":
+            assert diff > 0  # really the quantized weights, not a copy of the original
+    cached = resolve_model_path(str(tiny_gguf["f32"]))
+    assert Path(cached).parent == cache_dir() and Path(cached).name.startswith("gguf-")
+
+    def no_second_conversion(*args):
+        raise AssertionError("a cached GGUF was dequantized again")
+
+    monkeypatch.setattr(from_gguf, "_dequantize", no_second_conversion)
+    assert resolve_model_path(str(tiny_gguf["f32"])) == cached
+    assert (Path(cached) / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def _gguf(path, metadata, tensor_type=TensorType.F32):
+    data = np.zeros((2, 32), np.float32)
+    write_gguf(path, {k: string(v) for k, v in metadata.items()},
+               [Tensor("token_embd.weight", data.shape, tensor_type, lambda: iter([data.tobytes()]))])
+    return path
+
+
+def test_bad_gguf_files_are_refused_before_loading(tmp_path, tiny_gguf):
+    cases = {
+        "not a GGUF file": tmp_path / "text.gguf",
+        "is a LoRA adapter GGUF, not a model": _gguf(tmp_path / "adapter.gguf", {"general.architecture": "llama",
+                                                                                "general.type": "adapter"}),
+        "architecture 'rwkv9' is not one transformers' GGUF loader reads": _gguf(
+            tmp_path / "rwkv.gguf", {"general.architecture": "rwkv9"}),
+    }
+    cases["not a GGUF file"].write_text("hello")
+    for message, path in cases.items():
+        with pytest.raises(ValueError, match=message):
+            resolve_model_path(str(path))
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(tiny_gguf["f32"].read_bytes()[:5000])
+    with pytest.raises(ValueError, match="truncated"):
+        resolve_model_path(str(truncated))
+
+
+@pytest.mark.slow
+def test_fine_tune_a_gguf_and_write_it_back(tiny_gguf, tmp_path, in_process):
+    """The round trip: SFT with the GGUF as the base, then the merged model and the adapter written back as GGUF."""
+    from gguf import GGUFReader
+
+    gguf = str(tiny_gguf["f32"])
+    sft = load_recipe("sft")
+    out = tmp_path / "sft"
+    sft.main(sft.SFTConfig(model_name_or_path=gguf, output_dir=str(out), max_steps=3, logging_steps=1,
+                           answer_eval_dataset=None))
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    for extra, kind in (([], "model"), (["--lora-only"], "adapter")):
+        target = tmp_path / f"{kind}.gguf"
+        done = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_to_gguf.py"), gguf, "-o", str(target),
+                               "--outtype", "f32", "--adapter", str(out / "adapter"), *extra],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert GGUFReader(target).fields["general.type"].contents() == kind
+    merged = tmp_path / "merged"
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "merge_adapter.py"), gguf, str(out / "adapter"),
+                           "-o", str(merged)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    # The merged GGUF equals the merged directory converted: the same weights reached both.
+    direct = convert(merged, tmp_path / "direct.gguf", outtype="f32")
+    a, b = GGUFReader(direct), GGUFReader(tmp_path / "model.gguf")
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for x, y in zip(a.tensors, b.tensors):
+        np.testing.assert_allclose(np.asarray(x.data), np.asarray(y.data), atol=1e-5, err_msg=x.name)
