@@ -117,7 +117,9 @@ def test_top_k_file_equals_the_dense_teacher_and_serves_alone(distill, teachers,
           teacher_top_k=rows)  # k = the vocabulary: the tail bucket is empty, the loss is the dense one
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
                if '"loss"' in line] for run in ("dense", "written")]
-    assert len(losses[0]) == 3 and losses[0][0] == pytest.approx(losses[1][0], rel=1e-6)  # the same weights
+    # The same weights at the first step: the sums over the vocabulary run in another order (top-k order, not id
+    # order), which moves the loss by float32 rounding: 3e-6 relative on an AVX2 CPU (AMD EPYC), under 1e-6 on AVX-512.
+    assert len(losses[0]) == 3 and losses[0][0] == pytest.approx(losses[1][0], rel=1e-5)
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)  # then float32 rounding, amplified by Adam
     # Adam's first steps move near-zero-gradient elements a full step either way: deltas agree to 1e-4, not 1e-6
     assert_same_adapter(tmp_path / "dense" / "adapter", tmp_path / "written" / "adapter", atol=1e-4)
