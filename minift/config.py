@@ -146,7 +146,12 @@ def _checked(cls, values: dict[str, Any], where: str, lines: dict[str, int] | No
     return out
 
 
-def _build(cls: type[T], kwargs: dict[str, Any], where: str) -> T:
+def _build(cls: type[T], kwargs: dict[str, Any], where: str, base_model: str | None = None) -> T:
+    """``cls(**kwargs)``, after the class's defaults for the base model (``cls.defaults_for(model)``, if it has one;
+    ``base_model``, else the ``model_name_or_path`` given or declared) fill in what ``kwargs`` leaves unset."""
+    if hasattr(cls, "defaults_for"):
+        model = base_model or kwargs.get("model_name_or_path") or cls.__dataclass_fields__["model_name_or_path"].default
+        kwargs = {**cls.defaults_for(model), **kwargs}
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -156,9 +161,11 @@ def _build(cls: type[T], kwargs: dict[str, Any], where: str) -> T:
 
 
 def config_from_dict(cls: type[T], values: dict[str, Any], where: str = "config",
-                     lines: dict[str, int] | None = None) -> T:
-    """Build ``cls`` from a plain mapping (e.g. one stage of a pipeline file), checking keys and values."""
-    return _build(cls, _checked(cls, values, where, lines), where)
+                     lines: dict[str, int] | None = None, base_model: str | None = None) -> T:
+    """Build ``cls`` from a plain mapping (e.g. one stage of a pipeline file), checking keys and values.
+    ``base_model``: the model whose defaults apply when it is not the config's own ``model_name_or_path`` (a
+    pipeline stage that starts from an earlier stage's merged model keeps the defaults of the pipeline's base)."""
+    return _build(cls, _checked(cls, values, where, lines), where, base_model)
 
 
 def _glue_negative_numbers(argv: list[str]) -> list[str]:
@@ -196,6 +203,9 @@ def _flag_help(cls, f: dataclasses.Field) -> str:
     default = field_default(f)
     if isinstance(default, list):
         default = ",".join(map(str, default))
+    real = getattr(cls, "REAL_MODEL", {})
+    if f.name in real and real[f.name] != default:
+        return f"{text} (default: {default} on the tiny demo model, {real[f.name]} on any other)"
     return f"{text} (default: {default})"
 
 

@@ -12,12 +12,12 @@ import re
 import typing
 from pathlib import Path
 
-from minift.config import check_paths, opt, require
+from minift.config import check_paths, field_default, opt, require
 
 
 @dataclasses.dataclass
 class ModelSection:
-    model_name_or_path: str = opt("tiny", "base model: directory, .gguf file, hub id, or 'tiny'")
+    model_name_or_path: str = opt("tiny", "base model: directory, .gguf file, hub id, 'tiny' or 'smollm2'")
     dtype: str = opt("float32", "weights dtype: float32, bfloat16, float16")
     use_4bit: bool = opt(False, "QLoRA: NF4 base (bitsandbytes)")
     use_8bit: bool = opt(False, "8-bit base (bitsandbytes)")
@@ -145,8 +145,30 @@ class OutputSection:
 
 @dataclasses.dataclass
 class TrainConfig(OutputSection, CheckpointSection, EvalSection, OptimSection, LoraSection, ModelSection):
-    """The sections every training recipe shares. Defaults run the bundled demo on the tiny model on CPU;
-    for a real model start from ``recipes/configs/*.yaml`` (typical LoRA learning rates are ~1e-4..2e-4)."""
+    """The sections every training recipe shares. The fields' defaults run the bundled demo on the tiny model on CPU:
+    a 2-layer random model that needs a high learning rate and many epochs. With any other base model, flags, YAML
+    files and pipeline stages start from ``REAL_MODEL`` instead (a recipe changes or adds entries): the usual LoRA
+    settings for a pretrained model. What is given explicitly always wins. (A config built in Python,
+    ``SFTConfig(...)``, takes the fields' defaults as written.)"""
+
+    REAL_MODEL: typing.ClassVar[dict] = {"learning_rate": 2e-4, "lora_r": 16, "lora_alpha": 32.0,
+                                         "num_train_epochs": 3.0, "per_device_train_batch_size": 8,
+                                         "warmup_ratio": 0.03, "max_seq_length": 1024, "max_new_tokens": 256}
+
+    @classmethod
+    def defaults_for(cls, model_name_or_path: str) -> dict:
+        """The defaults that replace the demo's for ``model_name_or_path``: none for ``tiny``, else ``REAL_MODEL``."""
+        if model_name_or_path == "tiny":
+            return {}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return {k: v for k, v in cls.REAL_MODEL.items() if k in fields}
+
+    def real_model_note(self) -> str | None:
+        """A line saying which settings are the real-model defaults rather than the demo's (None: all the demo's)."""
+        changed = [f"{k} {v} (demo: {field_default(f)})" for f in dataclasses.fields(self)
+                   if (k := f.name) in self.REAL_MODEL and (v := getattr(self, k)) == self.REAL_MODEL[k]
+                   and v != field_default(f)]
+        return f"settings for a real model (not the tiny demo's): {', '.join(changed)}" if changed else None
 
     def batch_plan(self) -> tuple[int, int]:
         """``(rows per process per micro-batch, optimizer steps per window)``: how :class:`~minift.train.stage.Stage`

@@ -67,6 +67,7 @@ class DistillConfig(SFTConfig):
     output_dir: str = "out/distill"
     # The demo: a fresh LoRA student distilled from the SFT demo's teacher (95%); see the README for its figures.
     num_train_epochs: float = 10.0
+    REAL_MODEL = {**SFTConfig.REAL_MODEL, "max_completion_length": 256}
 
     def check(self) -> None:
         checks = [(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}"),

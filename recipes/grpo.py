@@ -69,6 +69,8 @@ class GRPOConfig(RolloutSection, DataSection, TrainConfig):
     learning_rate: float = 1e-3
     num_train_epochs: float = 16.0
     lora_r: int = 16
+    REAL_MODEL = {**TrainConfig.REAL_MODEL, "learning_rate": 1e-5, "num_train_epochs": 1.0,
+                  "per_device_train_batch_size": 64, "max_completion_length": 256}
 
     def batch_plan(self) -> tuple[int, int]:
         return self.per_device_train_batch_size // self.num_generations, self.num_iterations  # rows are prompts

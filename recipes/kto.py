@@ -49,6 +49,7 @@ class KTOConfig(DataSection, TrainConfig):
     lora_r: int = 32  # alpha 32: scale 1.0
     learning_rate: float = 5e-4
     num_train_epochs: float = 2.0
+    REAL_MODEL = {**TrainConfig.REAL_MODEL, "learning_rate": 5e-5, "num_train_epochs": 1.0, "beta": 0.1}
     validation_split: float = 0.1
 
     def check(self) -> None:

@@ -75,6 +75,8 @@ class PPOConfig(RolloutSection, DataSection, TrainConfig):
     learning_rate: float = 2e-3
     num_train_epochs: float = 24.0
     lora_r: int = 16
+    REAL_MODEL = {**TrainConfig.REAL_MODEL, "learning_rate": 1e-5, "num_train_epochs": 1.0,
+                  "per_device_train_batch_size": 16, "max_completion_length": 256}
 
     def check(self) -> None:
         checks = [(self.value_model in ("adapter", "shared"), f"value_model must be adapter or shared, got "

@@ -42,6 +42,7 @@ class RewardConfig(DataSection, TrainConfig):
     validation_split: float = 0.1
     learning_rate: float = 5e-4
     num_train_epochs: float = 10.0
+    REAL_MODEL = {**TrainConfig.REAL_MODEL, "learning_rate": 1e-4, "num_train_epochs": 1.0}
     lora_r: int = 32
     lora_alpha: float = 64.0
     merge_output: bool = True  # output_dir/merged: the reward model as one directory, for --reward

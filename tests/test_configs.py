@@ -77,3 +77,63 @@ def test_config_mistakes_that_used_to_pass_fail_before_anything_loads(tmp_path, 
         with pytest.raises(ConfigError) as err:
             parse_config(sft.SFTConfig, args)
         assert str(err.value) == message, name
+
+
+def test_real_model_defaults_replace_the_demo_values_unless_given(tmp_path, capsys):
+    """No model given: the tiny demo's values. Any other model: the recipe's REAL_MODEL values, except those set by a
+    flag or a YAML key; --help states both; a pipeline decides by its base model, not by a stage's start."""
+    from conftest import load_recipe
+
+    from minift.config import config_from_dict
+
+    sft, dpo, grpo = load_recipe("sft"), load_recipe("dpo"), load_recipe("grpo")
+    demo = parse_config(sft.SFTConfig, [])
+    assert (demo.learning_rate, demo.lora_r, demo.num_train_epochs, demo.max_seq_length) == (4e-3, 32, 25.0, 128)
+    assert demo.real_model_note() is None
+    real = parse_config(sft.SFTConfig, ["--model_name_or_path", "org/model"])
+    assert (real.learning_rate, real.lora_r, real.lora_alpha, real.num_train_epochs, real.max_seq_length,
+            real.per_device_train_batch_size) == (2e-4, 16, 32.0, 3.0, 1024, 8)
+    assert "learning_rate 0.0002 (demo: 0.004)" in real.real_model_note()
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("model_name_or_path: org/model\nlora_r: 64\n")
+    given = parse_config(sft.SFTConfig, ["--config", str(yaml_file), "--learning_rate", "1e-3"])
+    assert (given.learning_rate, given.lora_r, given.max_seq_length) == (1e-3, 64, 1024)
+    assert "learning_rate" not in given.real_model_note() and "lora_r" not in given.real_model_note()
+    assert (parse_config(dpo.DPOConfig, ["--model_name_or_path", "org/model"]).beta,
+            parse_config(dpo.DPOConfig, []).beta) == (0.1, 1.0)
+    rl = parse_config(grpo.GRPOConfig, ["--model_name_or_path", "org/model"])
+    assert (rl.learning_rate, rl.max_completion_length, rl.per_device_train_batch_size) == (1e-5, 256, 64)
+    stage = config_from_dict(dpo.DPOConfig, {"model_name_or_path": str(tmp_path)}, base_model="tiny")
+    assert stage.learning_rate == 1e-3 and stage.beta == 1.0  # a tiny pipeline's merged start keeps the demo
+    with pytest.raises(SystemExit):
+        parse_config(sft.SFTConfig, ["--help"])
+    assert "(default: 0.004 on the tiny demo model, 0.0002 on any other)" in " ".join(capsys.readouterr().out.split())
+
+
+RECIPE_CONFIGS = {"sft": "SFTConfig", "dpo": "DPOConfig", "kto": "KTOConfig", "reward_model": "RewardConfig",
+                  "grpo": "GRPOConfig", "ppo": "PPOConfig", "rlaif": "RLAIFConfig", "distill": "DistillConfig",
+                  "cot_distill": "CoTConfig"}
+
+
+def real_model_rows() -> list[str]:
+    """The README's table of defaults, one row per recipe: each value the real-model settings change."""
+    import dataclasses
+
+    from conftest import load_recipe
+
+    from minift.config import field_default
+
+    rows = []
+    for name, class_name in RECIPE_CONFIGS.items():
+        cls = getattr(load_recipe(name), class_name)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        changes = [f"`{k}` {field_default(fields[k])} -> {v}" for k, v in cls.REAL_MODEL.items()
+                   if k in fields and field_default(fields[k]) != v]
+        rows.append(f"| {name} | {', '.join(changes)} |")
+    return rows
+
+
+def test_readme_lists_each_recipes_real_model_defaults():
+    readme = (ROOT / "README.md").read_text()
+    for row in real_model_rows():
+        assert row in readme, row

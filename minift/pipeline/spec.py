@@ -254,7 +254,7 @@ def stage_config(spec: PipelineSpec, stage: StageSpec, fixed: dict[str, Any]):
     values.update({k: v for k, v in fixed.items() if k in fields})
     lines = {k: line for k, line in stage.lines.items() if line}
     try:
-        return config_from_dict(stage.config_class, values, str(spec.path), lines)
+        return config_from_dict(stage.config_class, values, str(spec.path), lines, base_model=spec.model_name_or_path)
     except ConfigError as err:
         raise ConfigError(f"{_located(str(err), spec, stage)} [stage {stage.name}, {stage.recipe}]") from err
     except FileNotFoundError as err:

@@ -117,4 +117,6 @@ def recipe_dry_run(cfg, name: str) -> str:
     lines = [f"{name} (dry run, no weights loaded): starts from {start}; writes {cfg.output_dir}",
              "    examples: " + (", ".join(f"{k} {v}" for k, v in plan.examples.items()) or "none")
              + (f"; steps: {plan.steps}" if plan.steps is not None else "")]
+    if getattr(cfg, "real_model_note", None) and cfg.real_model_note():
+        lines.append(f"    {cfg.real_model_note()}")
     return "\n".join(lines + describe(plan))

@@ -102,6 +102,8 @@ class Stage:
         logging.basicConfig(level=logging.INFO if self.accelerator.is_main_process else logging.WARNING,
                             format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         self.lock = take_output_dir(self.accelerator, cfg.output_dir)  # one run per output dir, till finish
+        if cfg.real_model_note():
+            logger.info(cfg.real_model_note())
         check_output_dir(cfg, self.accelerator.is_main_process)
         self.accelerator.wait_for_everyone()
         self.out = Path(cfg.output_dir)
