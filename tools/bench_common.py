@@ -45,6 +45,13 @@ SFT_SEQ = 512  # packed row length / dense sequence length
 SFT_RAGGED_PER_STEP = 8  # sequences per step in the ragged and trl parts
 SFT_LOGNORMAL = (5.0, 0.6, 32, 512)  # mu, sigma, min, max of the ragged lengths
 
+# ``--model smollm2`` (the sft, dpo and grpo cases): SmolLM2-135M-Instruct's pretrained weights in place of model A, from
+# the GGUF file minift.model.smollm2 fetches, dequantized once into minift's cache (tied embeddings).
+SMOLLM2 = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+           "intermediate_size": 1536, "vocab_size": 49152}
+MODELS = {"a": SFT_MODEL, "smollm2": SMOLLM2}
+MODEL = "a"
+
 # The compute precision of every side: "bf16" (bf16 frozen weights, fp32 LoRA A/B, bf16 autocast) where the CPU
 # multiplies bf16 natively (AVX512-BF16 / AMX), else "fp32": without those units PyTorch's bf16 GEMM is a
 # scalar fallback ~100x slower than fp32 (0.3-1.2 vs 50-110 GFLOP/s measured on an AVX2-only EPYC).
@@ -64,6 +71,26 @@ def set_precision(choice: str) -> str:
     return PRECISION
 
 
+def model_spec() -> dict:
+    """The benchmarked model's shape: model A's, or SmolLM2's after ``--model smollm2``."""
+    return MODELS[MODEL]
+
+
+def model_name() -> str:
+    return "SmolLM2-135M-Instruct (pretrained)" if MODEL == "smollm2" else "model A (random weights)"
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=list(MODELS), default="a",
+                        help="a: model A, random weights (default); smollm2: SmolLM2-135M-Instruct, fetched once")
+
+
+def set_model(choice: str) -> str:
+    global MODEL
+    MODEL = choice
+    return MODEL
+
+
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="compute precision of every side; auto = bf16 where the CPU has native bf16 "
@@ -77,9 +104,15 @@ def autocast():
 
 def build_sft_model(spec: dict, weights: str | None = None, seed: int = 0) -> nn.Module:
     """Random Llama from ``spec``, weights in ``weights`` (default PRECISION): the same for a given seed in every
-    process (init in fp32, then cast)."""
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**spec, attn_implementation="sdpa")).train()
+    process (init in fp32, then cast). ``SMOLLM2``: its pretrained weights instead."""
+    if spec is SMOLLM2:
+        from minift.model.load import resolve_model_path
+
+        model = LlamaForCausalLM.from_pretrained(resolve_model_path("smollm2"), attn_implementation="sdpa",
+                                                 dtype=torch.float32).train()
+    else:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(**spec, attn_implementation="sdpa")).train()
     return model.to(torch.bfloat16) if (weights or PRECISION) == "bf16" else model.float()
 
 
@@ -206,7 +239,8 @@ def reset_peak_rss() -> float:
 def run_worker(role: str, args: argparse.Namespace, case: str = "sft") -> dict:
     """Run ``tools/bench.py CASE --_worker role`` in a fresh process; return the JSON line it prints."""
     cmd = [sys.executable, BENCH, case, "--_worker", role, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--threads", str(args.threads), "--precision", PRECISION]
+           "--threads", str(args.threads), "--precision", PRECISION, *(["--model", args.model] if getattr(args, "model", None)
+                                                                     else [])]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_DATASETS_OFFLINE": "1", "DISABLE_MLFLOW_INTEGRATION": "TRUE", "WANDB_DISABLED": "true"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=False)

@@ -52,18 +52,21 @@ import time
 import torch
 from bench_common import (
     SFT_ADAPTER,
-    SFT_MODEL,
     MiniftSFT,
+    add_model_argument,
     add_precision_argument,
     build_sft_model,
     load_line,
     load_recipe,
     minift_sft_model,
+    model_name,
+    model_spec,
     oracles,
     precision,
     reset_peak_rss,
     rss_mib,
     run_worker,
+    set_model,
     set_precision,
     verdict,
 )
@@ -91,7 +94,7 @@ def make_pairs(n: int, vocab: int, seed: int = 0) -> list[dict]:
 
 
 def step_batches(args: argparse.Namespace) -> list[list[dict]]:
-    pairs = make_pairs(PAIRS_PER_STEP * (args.warmup + args.steps), SFT_MODEL["vocab_size"])
+    pairs = make_pairs(PAIRS_PER_STEP * (args.warmup + args.steps), model_spec()["vocab_size"])
     return [pairs[i:i + PAIRS_PER_STEP] for i in range(0, len(pairs), PAIRS_PER_STEP)]
 
 
@@ -124,7 +127,7 @@ def run_minift(side: str, args: argparse.Namespace) -> dict:
     from minift.train.pairs import PreferenceLoss, Reference, collate_pairs
 
     steps = step_batches(args)
-    sft = MiniftSFT(minift_sft_model(SFT_MODEL))  # model, trainable params, AdamW(lr 1e-4, no weight decay)
+    sft = MiniftSFT(minift_sft_model(model_spec()))  # model, trainable params, AdamW(lr 1e-4, no weight decay)
     model, params, optimizer, accelerator = sft.model, sft.params, sft.optimizer, sft.accelerator
     logps_model = SequenceLogprobs(model)
     reference = Reference(logps_model, DEFAULT_ADAPTER)
@@ -230,7 +233,7 @@ def run_trl(args: argparse.Namespace) -> dict:
                        bf16=precision() == "bf16",
                        use_cpu=True, gradient_checkpointing=False, train_sampling_strategy="sequential", seed=0)
     peft_config = refs.peft_lora_config(**SFT_ADAPTER, task_type="CAUSAL_LM")
-    trainer = PretokenizedDPOTrainer(model=build_sft_model(SFT_MODEL), args=config, train_dataset=dataset,
+    trainer = PretokenizedDPOTrainer(model=build_sft_model(model_spec()), args=config, train_dataset=dataset,
                                      processing_class=tf.AutoTokenizer.from_pretrained(tiny_model_dir()),
                                      peft_config=peft_config, callbacks=[Timer()])
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
@@ -256,13 +259,14 @@ def run(args: argparse.Namespace) -> bool:
     """DPO step of model A: minift packed / padded / precomputed vs an SFT step and trl's DPOTrainer + peft."""
     torch.set_num_threads(args.threads)
     set_precision(args.precision)
+    set_model(args.model)
     if args._worker:
         result = run_trl(args) if args._worker == "trl" else run_minift(args._worker, args)
         print("RESULT " + json.dumps(result))
         return True
     sides = [s for s in SIDES if s != "trl" or oracles() is not None]
     compute = "fp32 A/B, bf16 base, bf16 autocast" if precision() == "bf16" else "fp32"
-    print(f"model A, LoRA r16 alpha 32 all-linear ({compute}); {PAIRS_PER_STEP} pairs per "
+    print(f"{model_name()}, LoRA r16 alpha 32 all-linear ({compute}); {PAIRS_PER_STEP} pairs per "
           f"step: prompt {PROMPT}, answers {ANSWER[0]}-{ANSWER[1]} tokens; sigmoid DPO beta {BETA}, clip "
           f"{MAX_GRAD_NORM}, AdamW lr {LR}; packed rows of {ROW}")
     print(f"each side a fresh process with {args.threads} threads: {args.warmup} warm-up + {args.steps} timed "
@@ -340,4 +344,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, default=2, help="processes per side, order A B B A (default 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every process (default 2)")
     add_precision_argument(parser)
+    add_model_argument(parser)
     parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)

@@ -29,18 +29,21 @@ from bench_common import (
     SFT_ADAPTER,
     SFT_LR,
     SFT_MAX_GRAD_NORM,
-    SFT_MODEL,
+    add_model_argument,
     add_precision_argument,
     bench_accelerator,
     build_sft_model,
     load_line,
     load_recipe,
     minift_sft_model,
+    model_name,
+    model_spec,
     oracles,
     precision,
     reset_peak_rss,
     rss_mib,
     run_worker,
+    set_model,
     set_precision,
     verdict,
 )
@@ -59,14 +62,14 @@ def crc_reward(prompts, completions, **_) -> list[float]:
 def prompt_ids(step: int) -> list[list[int]]:
     """The PROMPTS prompts of one step (different each step, the same on every side)."""
     rng = random.Random(step)
-    return [[rng.randrange(3, SFT_MODEL["vocab_size"]) for _ in range(PROMPT_TOKENS)] for _ in range(PROMPTS)]
+    return [[rng.randrange(3, model_spec()["vocab_size"]) for _ in range(PROMPT_TOKENS)] for _ in range(PROMPTS)]
 
 
 def worker_rollout(role: str, args: argparse.Namespace) -> dict:
     """Timed calls of one sampler: seconds and new tokens of 128-token calls, seconds of 1-token calls."""
     from minift.train.sampling import SamplingParams, sample, stop_token_ids
 
-    model, tokenizer = minift_sft_model(SFT_MODEL).eval(), word_tokenizer(SFT_MODEL["vocab_size"])
+    model, tokenizer = minift_sft_model(model_spec()).eval(), word_tokenizer(model_spec()["vocab_size"])
     stops = stop_token_ids(model, tokenizer)
 
     def call(prompts: list[list[int]], new: int) -> int:
@@ -97,7 +100,7 @@ def worker_rollout(role: str, args: argparse.Namespace) -> dict:
 def worker_step(role: str, args: argparse.Namespace) -> dict:
     """GRPO steps of one side: wall time and generation time per step, peak-RSS growth over the steps."""
     steps, gen_times, ends = args.warmup + args.steps, [], []
-    tokenizer = word_tokenizer(SFT_MODEL["vocab_size"])
+    tokenizer = word_tokenizer(model_spec()["vocab_size"])
     if role == "step-minift":
         from minift.train.forward import TokenLogprobs
         from minift.train.rewards import Rewards
@@ -105,7 +108,7 @@ def worker_step(role: str, args: argparse.Namespace) -> dict:
         grpo = load_recipe("grpo")
         cfg = grpo.GRPOConfig(num_generations=G, max_completion_length=NEW_TOKENS, beta=0.0, learning_rate=SFT_LR,
                               per_device_train_batch_size=PROMPTS * G)
-        model = minift_sft_model(SFT_MODEL)
+        model = minift_sft_model(model_spec())
         accelerator, logps_model = bench_accelerator(), TokenLogprobs(model)
         params = [p for p in model.parameters() if p.requires_grad]
         make = grpo.GRPOBatches(cfg, logps_model, tokenizer, Rewards([("crc", crc_reward)]), "default")
@@ -132,7 +135,7 @@ def worker_step(role: str, args: argparse.Namespace) -> dict:
 
         refs = oracles()
         GRPOConfig, GRPOTrainer = refs.trl_grpo()
-        model = build_sft_model(SFT_MODEL, precision())
+        model = build_sft_model(model_spec(), precision())
         generate = model.generate
 
         def timed_generate(*a, **k):
@@ -174,6 +177,7 @@ def worker_step(role: str, args: argparse.Namespace) -> dict:
 
 def worker(role: str, args: argparse.Namespace) -> dict:
     set_precision(args.precision)
+    set_model(args.model)
     torch.set_num_threads(args.threads)
     return (worker_rollout if role.startswith("rollout") else worker_step)(role, args)
 
@@ -240,7 +244,8 @@ def run(args: argparse.Namespace) -> bool:
         print("RESULT " + json.dumps(worker(args._worker, args)))
         return True
     set_precision(args.precision)
-    print(f"model A {SFT_MODEL}, random weights, {precision()}, {args.threads} torch threads per process; {load_line()}")
+    set_model(args.model)
+    print(f"{model_name()} {model_spec()}, {precision()}, {args.threads} torch threads per process; {load_line()}")
     ok = True
     if args.part in ("rollout", "all"):
         ok = bench_rollout(args) and ok
@@ -257,3 +262,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--_worker", default="", help=argparse.SUPPRESS)
     add_precision_argument(parser)
+    add_model_argument(parser)

@@ -23,17 +23,21 @@ from bench_common import (
     SFT_RAGGED_PER_STEP,
     SFT_SEQ,
     MiniftSFT,
+    add_model_argument,
     add_precision_argument,
     autocast,
     gemm_rate,
     load_line,
     minift_sft_model,
+    model_name,
+    model_spec,
     paired_ratio,
     precision,
     ragged_examples,
     reset_peak_rss,
     rss_mib,
     run_worker,
+    set_model,
     set_precision,
     verdict,
 )
@@ -65,9 +69,11 @@ def dense_flops_per_token(spec: dict, seq: int) -> tuple[float, int, int]:
 
 
 def model_gemm_rate(tokens: int, repeats: int = 3) -> float:
-    """FLOP/s of model A's own forward GEMMs at ``tokens`` rows (q, k, v, o, gate, up, down, LM head), in PRECISION."""
-    h, f, kv = SFT_MODEL["hidden_size"], SFT_MODEL["intermediate_size"], SFT_MODEL["hidden_size"] // 2
-    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, f), (h, f), (f, h), (h, SFT_MODEL["vocab_size"])]
+    """FLOP/s of the model's own forward GEMMs at ``tokens`` rows (q, k, v, o, gate, up, down, LM head), in PRECISION."""
+    spec = model_spec()
+    h, f, v = spec["hidden_size"], spec["intermediate_size"], spec["vocab_size"]
+    kv = h * spec["num_key_value_heads"] // spec["num_attention_heads"]
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, f), (h, f), (f, h), (h, v)]
     dtype = torch.bfloat16 if precision() == "bf16" else torch.float32
     g = torch.Generator().manual_seed(0)
     pairs = [(torch.randn(tokens, i, generator=g).to(dtype), torch.randn(i, o, generator=g).to(dtype)) for i, o in shapes]
@@ -90,16 +96,16 @@ def bench_sft_dense(args: argparse.Namespace) -> bool:
     forward over the full (not causal-halved) context, backward 2x that. LoRA's own A/B FLOPs
     (6 x r x (in + out) per projection, ~4% here) and element-wise work are not counted.
     Ceiling tokens/s = GEMM rate (2048^3 matmul in PRECISION, measured between the steps) / FLOPs per token.
-    The rate of model A's own GEMM shapes at 2048 rows is printed beside it.
+    The rate of the model's own GEMM shapes at 2048 rows is printed beside it.
     """
-    flops, linear, head = dense_flops_per_token(SFT_MODEL, SFT_SEQ)
+    flops, linear, head = dense_flops_per_token(model_spec(), SFT_SEQ)
     tokens = SFT_DENSE_BATCH * SFT_SEQ
     print(f"\n== sft dense: batch {SFT_DENSE_BATCH} x {SFT_SEQ}, no padding, all tokens trained, {precision()} ==")
-    print(f"FLOPs/token = 4 x ({linear:,} linear + {head:,} head) + 12 x {SFT_MODEL['num_hidden_layers']} x {SFT_SEQ}"
-          f" x {SFT_MODEL['hidden_size']} = {flops / 1e6:.1f} MFLOP")
-    ids = torch.randint(SFT_MODEL["vocab_size"], (SFT_DENSE_BATCH, SFT_SEQ), generator=torch.Generator().manual_seed(0))
+    print(f"FLOPs/token = 4 x ({linear:,} linear + {head:,} head) + 12 x {model_spec()['num_hidden_layers']} x {SFT_SEQ}"
+          f" x {model_spec()['hidden_size']} = {flops / 1e6:.1f} MFLOP")
+    ids = torch.randint(model_spec()["vocab_size"], (SFT_DENSE_BATCH, SFT_SEQ), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids}
-    side = MiniftSFT(minift_sft_model(SFT_MODEL))
+    side = MiniftSFT(minift_sft_model(model_spec()))
     first_loss = side.step(batch)
     for _ in range(args.warmup - 1):
         side.step(batch)
@@ -116,7 +122,7 @@ def bench_sft_dense(args: argparse.Namespace) -> bool:
     tps = tokens / wall
     share = tps * flops / rate
     print(f"{precision()} GEMM 2048^3: median {rate / 1e9:.0f} GFLOP/s over {len(rates)} rounds (min {min(rates) / 1e9:.0f}"
-          f", max {max(rates) / 1e9:.0f}) -> ceiling {rate / flops:,.0f} tokens/s; model A's own GEMM shapes at "
+          f", max {max(rates) / 1e9:.0f}) -> ceiling {rate / flops:,.0f} tokens/s; the model's own GEMM shapes at "
           f"{tokens} rows: {statistics.median(shape_rates) / 1e9:.0f} GFLOP/s")
     print(f"{args.steps} timed steps after {args.warmup} warm-up; {torch.get_num_threads()} threads\n")
     print(f"{'first loss':>11}{'median ms':>11}{'best ms':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'share':>8}{'paired share':>14}")
@@ -133,7 +139,7 @@ def bench_sft_ragged(args: argparse.Namespace) -> bool:
 
     steps = args.steps
     n_steps = steps + args.warmup
-    examples = ragged_examples(n_steps * SFT_RAGGED_PER_STEP, SFT_MODEL["vocab_size"], seed=1)
+    examples = ragged_examples(n_steps * SFT_RAGGED_PER_STEP, model_spec()["vocab_size"], seed=1)
     batches = [examples[i * SFT_RAGGED_PER_STEP:(i + 1) * SFT_RAGGED_PER_STEP] for i in range(n_steps)]
     real = [sum(len(e["input_ids"]) for e in b) for b in batches]
     padded_cells = [SFT_RAGGED_PER_STEP * max(len(e["input_ids"]) for e in b) for b in batches]
@@ -147,7 +153,7 @@ def bench_sft_ragged(args: argparse.Namespace) -> bool:
     def padded(b: list[dict]) -> dict:
         return collate_padded(b, pad_token_id=0)
 
-    base = minift_sft_model(SFT_MODEL)
+    base = minift_sft_model(model_spec())
     sides = {"packed": (packed, MiniftSFT(base)), "padded": (padded, MiniftSFT(copy.deepcopy(base)))}
     names = list(sides)
     times = {n: [] for n in names}
@@ -258,6 +264,7 @@ def run(args: argparse.Namespace) -> bool:
     """SFT step of model A (LoRA r16): dense, ragged (packing), vocab (chunked CE), trl parts."""
     torch.set_num_threads(args.threads)
     set_precision(args.precision)
+    set_model(args.model)
     if args._worker:
         import json
 
@@ -266,7 +273,7 @@ def run(args: argparse.Namespace) -> bool:
         return True
     print(f"threads: torch.set_num_threads({args.threads}) -> {torch.get_num_threads()} intra-op, "
           f"{torch.get_num_interop_threads()} inter-op, in every process")
-    print(f"model A: random Llama {SFT_MODEL}; LoRA {SFT_ADAPTER} via minift apply_lora; AdamW lr {SFT_LR}; "
+    print(f"{model_name()}: Llama {model_spec()}; LoRA {SFT_ADAPTER} via minift apply_lora; AdamW lr {SFT_LR}; "
           f"gradient checkpointing off; precision {precision()} (native bf16 matrix units: {cpu_has_native_bf16()})")
     parts = SFT_PARTS if args.part == "all" else (args.part,)
     runners = {"dense": bench_sft_dense, "ragged": bench_sft_ragged, "vocab": bench_sft_vocab,
@@ -296,5 +303,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="processes per side, alternating, for vocab and trl (default 3 and 2)")
     parser.add_argument("--threads", type=int, default=SFT_THREADS, help=f"torch threads (default {SFT_THREADS})")
     add_precision_argument(parser)
+    add_model_argument(parser)
     parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
 

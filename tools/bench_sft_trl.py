@@ -13,12 +13,13 @@ import torch
 from bench_common import (
     SFT_ADAPTER,
     SFT_LR,
-    SFT_MODEL,
     SFT_RAGGED_PER_STEP,
     SFT_SEQ,
     MiniftSFT,
     build_sft_model,
     minift_sft_model,
+    model_name,
+    model_spec,
     oracles,
     precision,
     ragged_examples,
@@ -45,12 +46,12 @@ def trl_dataset_size(steps: int, warmup: int) -> int:
 
 def worker_trl(role: str, args: argparse.Namespace) -> dict:
     """One side of the trl part: one epoch over the same ragged sequences; per-step times and real tokens."""
-    examples = ragged_examples(trl_dataset_size(args.steps, args.warmup), SFT_MODEL["vocab_size"], seed=2)
+    examples = ragged_examples(trl_dataset_size(args.steps, args.warmup), model_spec()["vocab_size"], seed=2)
     tokens, ends, losses = [], [], []
     if role == "trl-minift":
         from minift.data.packing import collate_flat, pack_examples
 
-        side = MiniftSFT(minift_sft_model(SFT_MODEL))
+        side = MiniftSFT(minift_sft_model(model_spec()))
         rows, _ = pack_examples(examples, SFT_SEQ)
         before = reset_peak_rss()
         ends.append(time.perf_counter())
@@ -71,7 +72,7 @@ def worker_trl(role: str, args: argparse.Namespace) -> dict:
         from minift.model.load import tiny_model_dir
 
         matched = role == "trl-matched"
-        model = build_sft_model(SFT_MODEL, precision() if matched else "fp32")
+        model = build_sft_model(model_spec(), precision() if matched else "fp32")
         tokenizer = tf.AutoTokenizer.from_pretrained(tiny_model_dir())
         dataset = Dataset.from_dict({"input_ids": [e["input_ids"] for e in examples]})
         common = {"output_dir": tempfile.mkdtemp(prefix="minift-bench-trl-"), "report_to": "none",
@@ -128,7 +129,7 @@ def bench_sft_trl(args: argparse.Namespace) -> bool:
         return False
     n = trl_dataset_size(args.steps, args.warmup)
     print(f"\n== sft trl: one epoch over the same {n} ragged sequences (log-normal lengths as in 'ragged', "
-          f"all tokens trained), model A, LoRA {SFT_ADAPTER} ==")
+          f"all tokens trained), {model_name()}, LoRA {SFT_ADAPTER} ==")
     compute = "bf16 base + fp32 LoRA, bf16 autocast" if precision() == "bf16" else "fp32"
     print(f"minift: {compute}, no checkpointing, pack_examples into {SFT_SEQ}, {SFT_TRL_ROWS} rows per step in one "
           f"flat row (collate_flat, document attention), clip 1.0 + AdamW")

@@ -3,7 +3,8 @@
     python tools/convert_to_gguf.py MODEL_DIR -o OUT.gguf [--outtype f32|f16|bf16|q8_0|q4_0]
                                     [--adapter DIR ...] [--lora-only] [--ollama]
 
-MODEL_DIR is a saved HF model (safetensors), a ``.gguf`` file (dequantized once into minift's cache) or ``tiny``; architectures: llama, mistral, qwen2, gemma,
+MODEL_DIR is a saved HF model (safetensors), a ``.gguf`` file (dequantized once into minift's cache), ``tiny`` or
+``smollm2``; architectures: llama, mistral, qwen2, gemma,
 phi3, gpt2. ``--adapter`` merges PEFT-format adapters (minift's or peft's) in order while converting;
 with ``--lora-only`` they are written instead as a llama.cpp LoRA adapter GGUF for the base MODEL_DIR
 (``llama-cli -m base.gguf --lora OUT.gguf``). ``--ollama`` also writes a ``Modelfile`` next to
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model_dir = args.model_dir
     try:
-        if model_dir == "tiny" or is_gguf_file(model_dir):  # imported only here: minift.model.load pulls in torch
+        if model_dir in ("tiny", "smollm2") or is_gguf_file(model_dir):  # minift.model.load imports torch: only here
             from minift.model.load import resolve_model_path
 
             model_dir = resolve_model_path(model_dir)

@@ -2,7 +2,7 @@
 
     python tools/merge_adapter.py BASE DEFAULT_ADAPTER [DEFAULT_ADAPTER ...] -o OUT [--dtype bfloat16] [--max_shard_size 2GB]
 
-BASE is a model directory, a ``.gguf`` file, a hub id or ``tiny``. Adapters trained on a 4-bit base merge into the
+BASE is a model directory, a ``.gguf`` file, a hub id, ``tiny`` or ``smollm2``. Adapters trained on a 4-bit base merge into the
 unquantized base here, so the result is exact.
 """
 
@@ -17,7 +17,7 @@ from minift.lora.merge import merge_and_save
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("base", help="base model: a directory, a .gguf file, a hub id, or 'tiny'")
+    parser.add_argument("base", help="base model: a directory, a .gguf file, a hub id, 'tiny' or 'smollm2'")
     parser.add_argument("adapters", nargs="+", help="adapter directories, applied in this order")
     parser.add_argument("-o", "--output", required=True, help="directory for the merged model")
     parser.add_argument("--dtype", default="float32", help="dtype of the merged weights (float32, bfloat16, float16)")

@@ -11,7 +11,7 @@ from minift.train.sampling import SamplingParams
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="base model: a directory, a .gguf file, a hub id, or 'tiny'")
+    parser.add_argument("model", help="base model: a directory, a .gguf file, a hub id, 'tiny' or 'smollm2'")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                         help="an adapter directory (PEFT format, minift's or peft's) under a name; repeat for more")
     parser.add_argument("--dtype", default="auto", help="weights dtype: auto (bfloat16 on CUDA, else float32), "

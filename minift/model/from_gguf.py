@@ -19,6 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from minift.config import ConfigError
+
 logger = logging.getLogger(__name__)
 _MAGIC = b"GGUF"
 _FP32_LIMIT = 2_000_000_000  # parameters: up to here the cache keeps the exact dequantized float32 weights
@@ -39,34 +41,38 @@ def file_sha256(path: Path) -> str:
 
 
 def check_gguf(path: Path) -> tuple[str, int]:
-    """The file's architecture and parameter count, or a ValueError saying why transformers cannot load it."""
-    from gguf import GGMLQuantizationType, GGUFReader
-    from gguf.quants import _type_traits
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-
+    """The file's architecture and parameter count, or a ConfigError saying why transformers cannot load it."""
     with open(path, "rb") as f:
         if f.read(4) != _MAGIC:
-            raise ValueError(f"{path} is not a GGUF file (it does not start with b'GGUF')")
+            raise ConfigError(f"{path} is not a GGUF file (it does not start with b'GGUF')")
+    try:
+        from gguf import GGMLQuantizationType, GGUFReader
+        from gguf.quants import _type_traits
+    except ImportError:
+        raise ConfigError(f"{path}: reading a GGUF model needs the gguf package: pip install gguf (or the [gguf] extra "
+                         f"of minift: pip install -e '.[gguf]' in the checkout)") from None
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
     try:
         reader = GGUFReader(path)
     except (ValueError, IndexError, OSError) as err:
-        raise ValueError(f"{path}: unreadable GGUF ({err}); the file may be truncated") from err
+        raise ConfigError(f"{path}: unreadable GGUF ({err}); the file may be truncated") from err
 
     def field(key: str):
         value = reader.get_field(key)
         return None if value is None else value.contents()
 
     if field("general.type") == "adapter":
-        raise ValueError(f"{path} is a LoRA adapter GGUF, not a model; pass the base model's GGUF (or directory)")
+        raise ConfigError(f"{path} is a LoRA adapter GGUF, not a model; pass the base model's GGUF (or directory)")
     arch = field("general.architecture")
     known = sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
     if arch not in known:
-        raise ValueError(f"{path}: architecture {arch!r} is not one transformers' GGUF loader reads "
+        raise ConfigError(f"{path}: architecture {arch!r} is not one transformers' GGUF loader reads "
                          f"({', '.join(known)}); convert the original model instead")
     readable = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, *_type_traits}
     bad = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type not in readable})
     if bad:
-        raise ValueError(f"{path}: tensor type(s) {', '.join(bad)} cannot be dequantized by the installed gguf "
+        raise ConfigError(f"{path}: tensor type(s) {', '.join(bad)} cannot be dequantized by the installed gguf "
                          f"package; re-quantize the model to a common type (q8_0, q4_k_m, f16)")
     return arch, sum(int(t.n_elements) for t in reader.tensors)
 

