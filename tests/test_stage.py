@@ -270,7 +270,8 @@ def data_error_cases(tmp_path: Path) -> dict[str, tuple[str, list, str]]:
         "unknown shape": ("sft", [d / "shape.jsonl"], f"{d / 'shape.jsonl'}:1: no known record format in fields ['foo']"),
         "bad role": ("sft", [d / "role.jsonl"], f"{d / 'role.jsonl'}:1: messages[0] has unknown role 'robot'"),
         "sft records to dpo": ("dpo", [d / "sft.jsonl"], f"{d / 'sft.jsonl'}:1:"),
-        "too few rows": ("sft", [d / "sft.jsonl", "--per_device_train_batch_size", "16", "--validation_split", "0"],
+        "too few rows": ("sft", [d / "sft.jsonl", "--per_device_train_batch_size", "16", "--validation_split", "0",
+                                 "--max_seq_length", "128"],  # a model directory: the real-model default is 1,024
                          f"{d / 'sft.jsonl'}: the training data makes 5 packed rows from 40 examples, fewer than one "
                          f"batch (16); lower --per_device_train_batch_size to 5 or less, or add data"),
     }
