@@ -12,6 +12,7 @@ GGUF, an architecture or a tensor type the loader cannot read is one error namin
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -33,11 +34,19 @@ def is_gguf_file(path: str | Path) -> bool:
 
 
 def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in 4 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=16)
+def _stat_sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """:func:`file_sha256`, once per version of a file in this process: a run resolves its model several times
+    (tokenizer, model, adapters' base), and a multi-GB GGUF takes seconds to hash."""
+    return file_sha256(path)
 
 
 def check_gguf(path: Path) -> tuple[str, int]:
@@ -85,7 +94,8 @@ def gguf_model_dir(path: str | Path) -> Path:
     from minift.model.load import cache_dir
 
     path = Path(path).expanduser().resolve()
-    target = cache_dir() / f"gguf-{file_sha256(path)[:16]}"
+    stat = path.stat()
+    target = cache_dir() / f"gguf-{_stat_sha256(path, stat.st_size, stat.st_mtime_ns)[:16]}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,6 @@ pruning that keeps the newest and the best, and the final weights (adapter or fu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -20,6 +19,7 @@ from minift.config import ConfigError
 from minift.constants import DEFAULT_ADAPTER
 from minift.lora.adapters import atomic_directory, load_adapter, save_adapter
 from minift.lora.layers import set_trainable
+from minift.model.from_gguf import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -121,17 +121,9 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT.fullmatch(p.name).group(1)))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(directory: Path) -> None:
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
     (directory / MANIFEST).write_text(json.dumps(entries, indent=1))
 
 
@@ -152,7 +144,7 @@ def checkpoint_damage(path: Path) -> str | None:
         saved = entry.get("bytes") if isinstance(entry, dict) else None
         if file.stat().st_size != saved:
             return f"{name} has {file.stat().st_size} bytes, not the {saved} saved"
-        if _sha256(file) != entry.get("sha256"):
+        if file_sha256(file) != entry.get("sha256"):
             return f"{name} does not match its checksum (changed or corrupted after the save)"
     step = json.loads((path / "trainer_state.json").read_text()).get("step")
     if CHECKPOINT.fullmatch(path.name) and step != int(CHECKPOINT.fullmatch(path.name).group(1)):
