@@ -3,6 +3,7 @@ safetensors directory, and comes back with the same logits, tokens and chat temp
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -72,10 +73,26 @@ def test_bad_gguf_files_are_refused_before_loading(tmp_path, tiny_gguf):
     for message, path in cases.items():
         with pytest.raises(ValueError, match=message):
             resolve_model_path(str(path))
-    truncated = tmp_path / "truncated.gguf"
-    truncated.write_bytes(tiny_gguf["f32"].read_bytes()[:5000])
-    with pytest.raises(ValueError, match="truncated"):
-        resolve_model_path(str(truncated))
+    whole = tiny_gguf["f32"].read_bytes()
+    for name, data in (("header", whole[:5000]), ("data", whole[:-100])):  # cut inside the header / the tensors
+        truncated = tmp_path / f"truncated-{name}.gguf"
+        truncated.write_bytes(data)
+        with pytest.raises(ValueError, match="truncated"):
+            resolve_model_path(str(truncated))
+    # A hostile header (2^62 metadata entries, then a key claiming 2^62 bytes) is refused at once, unallocated.
+    hostile = tmp_path / "hostile.gguf"
+    hostile.write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 1, 1 << 62, 1 << 62) + b"x" * 64)
+    with pytest.raises(ValueError, match="truncated or its header is corrupt"):
+        resolve_model_path(str(hostile))
+    # A tensor type no dequantizer reads (Q8_1, id 9) is named.
+    q8_1 = _gguf(tmp_path / "q8_1.gguf", {"general.architecture": "llama"})
+    raw = bytearray(q8_1.read_bytes())
+    type_at = raw.index(b"token_embd.weight") + len(b"token_embd.weight") + 4 + 2 * 8
+    assert struct.unpack_from("<I", raw, type_at)[0] == TensorType.F32
+    struct.pack_into("<I", raw, type_at, 9)
+    q8_1.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="tensor type\\(s\\) Q8_1 cannot be dequantized"):
+        resolve_model_path(str(q8_1))
     done = subprocess.run([sys.executable, str(ROOT / "recipes" / "sft.py"), "--model_name_or_path",
                            str(cases["not a GGUF file"]), "--output_dir", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=300)
@@ -112,3 +129,25 @@ def test_fine_tune_a_gguf_and_write_it_back(tiny_gguf, tmp_path, in_process):
     assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
     for x, y in zip(a.tensors, b.tensors):
         np.testing.assert_allclose(np.asarray(x.data), np.asarray(y.data), atol=1e-5, err_msg=x.name)
+
+
+def test_header_reader_matches_gguf_and_its_types(tiny_gguf):
+    """minift's own header reader lists the types (and block sizes) that the gguf package, which transformers'
+    loader calls, dequantizes: checked against the package, and the tiny GGUF's header against gguf's reader."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+    from gguf.quants import _type_traits
+
+    from minift.export.gguf.reader import READABLE_TYPES, missing_bytes, read_header
+
+    for path in tiny_gguf.values():
+        header, oracle = read_header(path), GGUFReader(path)
+        assert header.metadata == {key: field.contents() for key, field in oracle.fields.items()
+                                   if not key.startswith("GGUF.")}
+        assert [(t.name, t.shape, t.type_id, t.offset + header.data_offset) for t in header.tensors] == \
+               [(t.name, tuple(int(d) for d in t.shape), int(t.tensor_type), int(t.data_offset)) for t in oracle.tensors]
+        assert missing_bytes(header) == 0
+    for type_id, (name, per_block, block_bytes) in READABLE_TYPES.items():
+        gguf_type = GGMLQuantizationType(type_id)
+        assert gguf_type.name == name
+        assert GGML_QUANT_SIZES[gguf_type] == (per_block, block_bytes)
+        assert gguf_type in _type_traits or name in ("F32", "F16")

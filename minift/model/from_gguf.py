@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -21,9 +22,9 @@ import tempfile
 from pathlib import Path
 
 from minift.config import ConfigError
+from minift.export.gguf.reader import READABLE_TYPES, GGUFFormatError, missing_bytes, read_header
 
 logger = logging.getLogger(__name__)
-_MAGIC = b"GGUF"
 _FP32_LIMIT = 2_000_000_000  # parameters: up to here the cache keeps the exact dequantized float32 weights
 
 
@@ -51,39 +52,31 @@ def _stat_sha256(path: Path, size: int, mtime_ns: int) -> str:
 
 def check_gguf(path: Path) -> tuple[str, int]:
     """The file's architecture and parameter count, or a ConfigError saying why transformers cannot load it."""
-    with open(path, "rb") as f:
-        if f.read(4) != _MAGIC:
-            raise ConfigError(f"{path} is not a GGUF file (it does not start with b'GGUF')")
-    try:
-        from gguf import GGMLQuantizationType, GGUFReader
-        from gguf.quants import _type_traits
-    except ImportError:
-        raise ConfigError(f"{path}: reading a GGUF model needs the gguf package: pip install gguf (or the [gguf] extra "
-                         f"of minift: pip install -e '.[gguf]' in the checkout)") from None
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     try:
-        reader = GGUFReader(path)
-    except (ValueError, IndexError, OSError) as err:
-        raise ConfigError(f"{path}: unreadable GGUF ({err}); the file may be truncated") from err
-
-    def field(key: str):
-        value = reader.get_field(key)
-        return None if value is None else value.contents()
-
-    if field("general.type") == "adapter":
+        header = read_header(path)
+    except GGUFFormatError as err:
+        raise ConfigError(str(err) if str(err).startswith(str(path)) else f"{path}: {err}") from None
+    if header.metadata.get("general.type") == "adapter":
         raise ConfigError(f"{path} is a LoRA adapter GGUF, not a model; pass the base model's GGUF (or directory)")
-    arch = field("general.architecture")
+    arch = header.metadata.get("general.architecture")
     known = sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
     if arch not in known:
         raise ConfigError(f"{path}: architecture {arch!r} is not one transformers' GGUF loader reads "
                          f"({', '.join(known)}); convert the original model instead")
-    readable = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, *_type_traits}
-    bad = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type not in readable})
+    bad = sorted({t.type_name for t in header.tensors if t.type_id not in READABLE_TYPES})
     if bad:
-        raise ConfigError(f"{path}: tensor type(s) {', '.join(bad)} cannot be dequantized by the installed gguf "
-                         f"package; re-quantize the model to a common type (q8_0, q4_k_m, f16)")
-    return arch, sum(int(t.n_elements) for t in reader.tensors)
+        raise ConfigError(f"{path}: tensor type(s) {', '.join(bad)} cannot be dequantized by transformers' GGUF "
+                         f"loader; re-quantize the model to a common type (q8_0, q4_k_m, f16)")
+    missing = missing_bytes(header)
+    if missing:
+        raise ConfigError(f"{path}: the file is truncated: its tensors need {missing:,} bytes more than its "
+                         f"{header.file_size:,}; download or copy it again")
+    if importlib.util.find_spec("gguf") is None:  # transformers' loader reads the tensors with it
+        raise ConfigError(f"{path}: reading a GGUF model needs the gguf package: pip install gguf (or the [gguf] extra "
+                         f"of minift: pip install -e '.[gguf]' in the checkout)")
+    return arch, sum(t.n_elements for t in header.tensors)
 
 
 def gguf_model_dir(path: str | Path) -> Path:
