@@ -21,15 +21,16 @@ def run_grpo(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("advantage, gain", [("grpo", 0.20), ("rloo", 0.10)])
-def test_rl_raises_held_out_exact_match(weak_sft, tmp_path, advantage, gain):
+@pytest.mark.parametrize("advantage, epochs, gain", [("grpo", 16.0, 0.20), ("rloo", 8.0, 0.10)])
+def test_rl_raises_held_out_exact_match(weak_sft, tmp_path, advantage, epochs, gain):
     """From the weak start, the recipe's defaults (exact-match reward on the demo prompts) raise held-out greedy
-    exact match by the issue's margins: GRPO >= 20 points, RLOO >= 10."""
+    exact match by the issue's margins: GRPO >= 20 points; RLOO >= 10 in half the steps (measured: 44% -> 59%,
+    4 minutes here; 66% with the full 16 epochs)."""
     adapter, before = weak_sft
     grpo = load_recipe("grpo")
     with _ProcessState():
         result = grpo.main(grpo.GRPOConfig(init_adapter=str(adapter), advantage=advantage, output_dir=str(tmp_path),
-                                           logging_steps=50))
+                                           num_train_epochs=epochs, logging_steps=50))
     assert result["answer_accuracy_before"] == pytest.approx(before)
     assert result["answer_accuracy"] >= before + gain, result
     rewards = logged(tmp_path, "reward")
