@@ -10,6 +10,7 @@ closest valid key; values are converted to the field's type or rejected with the
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
 import difflib
 import sys
@@ -94,19 +95,53 @@ def load_yaml(path: str | Path) -> tuple[dict, dict[tuple, int]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
     try:
         node = yaml.compose(text)
+        _check_yaml_graph(node, str(path))  # before anything expands the aliases
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', err)})") from err
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply to be a config file") from None
     if data is None:
         return {}, {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     return data, _yaml_lines(node, str(path))
+
+
+YAML_NODE_LIMIT = 100_000  # nodes of a config file with its aliases expanded; real configs have a few hundred
+
+
+def _check_yaml_graph(node, where: str) -> None:
+    """Refuse a YAML document whose aliases refer to a node containing them (a cycle) or expand it beyond
+    ``YAML_NODE_LIMIT`` nodes (a "billion laughs" bomb): both would hang or exhaust memory when walked."""
+    import yaml
+
+    seen, active = 0, set()
+
+    def visit(n) -> None:
+        nonlocal seen
+        seen += 1
+        if seen > YAML_NODE_LIMIT:
+            raise ConfigError(f"{where}: the YAML expands to more than {YAML_NODE_LIMIT:,} values through its aliases "
+                              f"(*name); a config file this large is a mistake or an attack")
+        if id(n) in active:
+            raise ConfigError(f"{where}:{n.start_mark.line + 1}: a YAML alias refers to a value that contains it")
+        if isinstance(n, (yaml.MappingNode, yaml.SequenceNode)):
+            active.add(id(n))
+            for child in (c for pair in n.value for c in pair) if isinstance(n, yaml.MappingNode) else n.value:
+                visit(child)
+            active.discard(id(n))
+
+    if node is not None:
+        visit(node)
 
 
 def _yaml_lines(node, where: str, prefix: tuple = ()) -> dict[tuple, int]:

@@ -6,6 +6,7 @@ check, then the recipe's own."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -13,6 +14,16 @@ import typing
 from pathlib import Path
 
 from minift.config import check_paths, field_default, opt, require
+
+# report_to value -> (modules any of which its tracker imports, the package to install)
+TRACKER_PACKAGES = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb"),
+                    "mlflow": (("mlflow",), "mlflow")}
+
+
+def require_package(modules: tuple[str, ...], what: str, package: str) -> None:
+    """Fail at config time (a --dry_run included), not hours into a run, when an optional package is missing."""
+    if not any(importlib.util.find_spec(m) for m in modules):
+        raise ValueError(f"{what} needs the {package} package, which is not installed: pip install {package}")
 
 
 @dataclasses.dataclass
@@ -26,6 +37,8 @@ class ModelSection:
 
     def check(self) -> None:
         require([(not (self.use_4bit and self.use_8bit), "use_4bit and use_8bit are exclusive")])
+        if self.use_4bit or self.use_8bit:
+            require_package(("bitsandbytes",), f"use_{'4' if self.use_4bit else '8'}bit", "bitsandbytes")
         if self.init_adapter and not Path(self.init_adapter).is_dir():
             raise FileNotFoundError(f"init_adapter {self.init_adapter} does not exist")
 
@@ -141,6 +154,9 @@ class OutputSection:
              f"report_to must be none, tensorboard, wandb or mlflow, got {self.report_to!r}"),
             (not self.push_to_hub or bool(self.hub_repo_id), "push_to_hub needs hub_repo_id"),
         ])
+        if self.report_to in TRACKER_PACKAGES:
+            modules, package = TRACKER_PACKAGES[self.report_to]
+            require_package(modules, f"report_to {self.report_to}", package)
 
 
 @dataclasses.dataclass
@@ -235,6 +251,10 @@ class DataSection:
                   (self.pad_to_multiple_of >= 0, f"pad_to_multiple_of must be >= 0, got {self.pad_to_multiple_of}"),
                   (bool(self.dataset_name_or_path), "dataset_name_or_path is required")])
         check_paths(self, ("dataset_name_or_path", "eval_dataset", "answer_eval_dataset"), ("chat_template",))
+        if self.chat_template:
+            from minift.data.encode import read_chat_template
+
+            read_chat_template(self.chat_template)
         if self.answer_pattern is not None:
             try:
                 groups = re.compile(self.answer_pattern, re.M).groups

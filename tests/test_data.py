@@ -377,3 +377,38 @@ def test_demo_eval_is_held_out():
     assert len(eval_sets) == 100
     for name in ("demo_sft", "demo_preference", "demo_kto", "demo_prompts", "demo_reasoning", "demo_judge"):
         assert not eval_sets & word_sets(DATA / f"{name}.jsonl"), name
+
+
+def test_byte_order_marks_are_read_as_utf8(tmp_path):
+    """Excel's "CSV UTF-8" and Notepad put a byte-order mark before the first line: CSV, JSONL and JSON files
+    with one read like the same files without."""
+    bom = b"\xef\xbb\xbf"
+    files = {"d.csv": b"instruction,output\nReverse the words: a b,b a\n",
+             "d.jsonl": b'{"instruction": "Reverse the words: a b", "output": "b a"}\n',
+             "d.json": b'[{"instruction": "Reverse the words: a b", "output": "b a"}]'}
+    for name, data in files.items():
+        plain, marked = tmp_path / f"plain-{name}", tmp_path / f"bom-{name}"
+        plain.write_bytes(data)
+        marked.write_bytes(bom + data)
+        expected = [r.data for r in load_records(plain)]
+        assert [r.data for r in load_records(marked)] == expected == [
+            {"instruction": "Reverse the words: a b", "output": "b a"}], name
+        assert normalize_all(load_records(marked), "sft").examples[0].messages[1]["content"] == "b a"
+
+
+def test_empty_answers_are_invalid_records(tmp_path):
+    """A record whose answers are all empty would train on the end-of-turn token alone: it is an invalid record
+    naming its line (skippable), in every conversation format; one empty turn among real answers is kept."""
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"prompt": "Reverse the words: a b", "completion": ""},
+        {"instruction": "Reverse the words: c d", "output": "  "},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""},
+                      {"role": "user", "content": "again"}, {"role": "assistant", "content": "hello"}]},
+        {"question": "Reverse the words: e f", "answer": "f e"}])
+    records = load_records(path)
+    with pytest.raises(RecordError, match=r"d\.jsonl:1: the assistant's answer is empty"):
+        normalize_all(records, "sft")
+    norm = normalize_all(records, "sft", skip_invalid=True)
+    assert [m.split(": ")[0].rsplit(":", 1)[1] for m in norm.skipped] == ["1", "2", "3"]
+    assert [e.messages[-1]["content"] for e in norm.examples] == ["hello", "f e"]

@@ -322,6 +322,10 @@ def test_a_single_recipe_dry_run_counts_its_data_without_weights(pipeline, model
     assert "examples: train 4750, eval 250; steps: " in text and "sharegpt 532" in text
     steps = int(text.split("steps: ")[1].split()[0])
     assert steps > 1675  # 64-token rows hold fewer examples than the default 128-token ones (1,675 steps)
+    # The first training example as encoded, with exactly its trained tokens (the answer and <|im_end|>) marked.
+    assert text.endswith("first training example, trained tokens between [[ ]]:\n      <|im_start|>user\n"
+                         "      Reverse the words.\n\n      black nine duck peach<|im_end|>\n"
+                         "      <|im_start|>assistant\n      [[peach duck nine black<|im_end|>]]"), text
     text = recipe_dry_run(grpo.GRPOConfig(model_name_or_path=str(model_without_weights), max_steps=0,
                                           num_train_epochs=1.0, output_dir=str(tmp_path / "g")), "grpo")
     assert "examples: train 4000; steps: 250" in text  # 4,000 prompts / (128 completions / 8 per prompt)

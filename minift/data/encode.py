@@ -11,6 +11,7 @@ train on is dropped and counted.
 
 from __future__ import annotations
 
+import codecs
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,13 +54,31 @@ class EncodeReport:
         return text
 
 
+def read_chat_template(chat_template_file: str | Path) -> str:
+    """The text of a Jinja chat template file, parsed as transformers will: a syntax error names the file's line."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from minift.config import ConfigError
+
+    path = Path(chat_template_file).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"chat template file {path} does not exist")
+    try:
+        text = path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"chat template file {path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    try:
+        ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    except TemplateSyntaxError as err:
+        raise ConfigError(f"{path}:{err.lineno}: chat template syntax error: {err.message}") from None
+    return text
+
+
 def set_chat_template(tokenizer, chat_template_file: str | Path | None = None) -> None:
     """Use ``chat_template_file`` if given; else keep the tokenizer's; else minift's ChatML default (warned)."""
     if chat_template_file:
-        path = Path(chat_template_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"chat template file {path} does not exist")
-        tokenizer.chat_template = path.read_text(encoding="utf-8")
+        tokenizer.chat_template = read_chat_template(chat_template_file)
     elif not tokenizer.chat_template:
         logger.warning("the tokenizer has no chat template; using minift's ChatML default "
                        "(<|im_start|>role\\ncontent<|im_end|>). Pass --chat_template FILE to choose another.")
@@ -246,6 +265,19 @@ def encode_sft(examples: list[Chat | Text], tokenizer, *, max_seq_length: int, t
                 out.append({"input_ids": item[0], "labels": item[1]})
     enc.log("sft data")
     return out, enc.report
+
+
+def show_trained(tokenizer, input_ids: list[int], labels: list[int], limit: int = 1200) -> str:
+    """An encoded example as text with its trained tokens between ``[[`` and ``]]`` (what ``--dry_run`` shows),
+    cut to ``limit`` characters."""
+    parts, start = [], 0
+    for i in range(1, len(input_ids) + 1):
+        if i == len(input_ids) or (labels[i] == IGNORE_INDEX) != (labels[start] == IGNORE_INDEX):
+            text = tokenizer.decode(input_ids[start:i])
+            parts.append(text if labels[start] == IGNORE_INDEX else f"[[{text}]]")
+            start = i
+    text = "".join(parts)
+    return text if len(text) <= limit else text[:limit] + f" ... ({len(text) - limit:,} more characters)"
 
 
 def encode_preferences(examples: list[Preference], tokenizer, *, max_seq_length: int,

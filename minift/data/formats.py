@@ -162,6 +162,16 @@ def _user_assistant(prompt: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
 
+def _answered(messages: list[dict], src: str) -> Chat:
+    """A conversation with at least one non-empty assistant turn: one whose answers are all empty would train on the
+    end-of-turn token alone."""
+    answers = [m for m in messages if m["role"] == "assistant"]
+    if answers and not any(m["content"].strip() for m in answers):
+        raise RecordError(f"{src}: the assistant's answer is empty, so there is nothing to learn but the end of the "
+                          f"turn; fill it in or remove the record {SKIP_HINT}")
+    return Chat(messages, src)
+
+
 def normalize(record: Record, fmt: str | None = None):
     """Turn one record into Chat / Text / Preference / Unpaired / Prompt, or raise RecordError."""
     data, src = record.data, record.source
@@ -173,26 +183,26 @@ def normalize(record: Record, fmt: str | None = None):
                           f"conversations, instruction/output, prompt/completion, question/answer, text, "
                           f"prompt/chosen/rejected")
     if fmt == "messages":
-        return Chat(_in_order(_messages(data.get("messages"), src, "messages"), src, "messages"), src)
+        return _answered(_in_order(_messages(data.get("messages"), src, "messages"), src, "messages"), src)
     if fmt == "sharegpt":
         turns = _messages(data.get("conversations"), src, "conversations", sharegpt=True)
-        return Chat(_in_order(turns, src, "conversations"), src)
+        return _answered(_in_order(turns, src, "conversations"), src)
     if fmt == "alpaca":
         instruction = _string(data, "instruction", src)
         extra = data.get("input") or ""
         if not isinstance(extra, str):
             raise RecordError(f"{src}: field 'input' must be a string, got {type(extra).__name__}")
         answer = _string(data, "output" if "output" in data else "response", src)
-        return Chat(_user_assistant(f"{instruction}\n\n{extra}" if extra else instruction, answer), src)
+        return _answered(_user_assistant(f"{instruction}\n\n{extra}" if extra else instruction, answer), src)
     if fmt == "prompt_completion":
         turns = _turn(data.get("prompt"), "user", src, "prompt") + _turn(data.get("completion"), "assistant", src,
                                                                          "completion")
-        return Chat(_in_order(turns, src, "prompt + completion"), src)
+        return _answered(_in_order(turns, src, "prompt + completion"), src)
     if fmt == "question_answer":
-        return Chat(_user_assistant(_string(data, "question", src), _string(data, "answer", src)), src)
+        return _answered(_user_assistant(_string(data, "question", src), _string(data, "answer", src)), src)
     if fmt == "context_question_answer":
         prompt = f"{_string(data, 'context', src)}\n\n{_string(data, 'question', src)}"
-        return Chat(_user_assistant(prompt, _string(data, "answer", src)), src)
+        return _answered(_user_assistant(prompt, _string(data, "answer", src)), src)
     if fmt == "text":
         return Text(_string(data, "text", src), src)
     if fmt == "preference":
@@ -309,6 +319,6 @@ def normalize_all(records: Iterable[Record], kind: str, *, fmt: str | None = Non
         out.examples.append(example)
         out.formats[record_fmt] += 1
     if not out.examples:
-        raise ValueError(f"no usable {kind} records ({out.summary()})")
+        raise RecordError(f"no usable {kind} records ({out.summary()})")
     logger.info("%s records: %s", kind, out.summary())
     return out

@@ -6,6 +6,7 @@ fails with a message that names it. Turning records into training examples is ``
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import random
@@ -100,9 +101,11 @@ def _read_file(path: Path) -> Iterator[Record]:
 
 def _lines(path: Path) -> Iterator[tuple[int, str, str | None]]:
     """(line number, text, error): a line that is not UTF-8 (its text decoded with replacement characters) or
-    holds a NUL byte comes with the reason."""
+    holds a NUL byte comes with the reason. A UTF-8 byte-order mark (Excel's "CSV UTF-8", Notepad) is dropped."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             try:
                 text, error = raw.decode("utf-8"), None
             except UnicodeDecodeError as err:
@@ -131,7 +134,7 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
 
 def _read_json(path: Path) -> Iterator[Record]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8"))
     except UnicodeDecodeError as err:
         raise RecordError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
     except json.JSONDecodeError as err:

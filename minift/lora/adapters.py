@@ -37,6 +37,7 @@ from minift.lora.layers import (
     set_trainable,
 )
 from minift.lora.weights import base_kind, layer_features
+from minift.model.files import check_safetensors, set_usual_modes
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o755)
+        set_usual_modes(tmp)
         old = None
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
@@ -175,6 +176,7 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_path}, line {err.lineno}: invalid JSON ({err.msg})") from err
     _check_config(config, config_path)
+    check_safetensors(weights_path)
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:

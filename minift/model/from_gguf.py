@@ -23,6 +23,7 @@ from pathlib import Path
 
 from minift.config import ConfigError
 from minift.export.gguf.reader import READABLE_TYPES, GGUFFormatError, missing_bytes, read_header
+from minift.model.files import set_usual_modes
 
 logger = logging.getLogger(__name__)
 _FP32_LIMIT = 2_000_000_000  # parameters: up to here the cache keeps the exact dequantized float32 weights
@@ -103,8 +104,7 @@ def gguf_model_dir(path: str | Path) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=".gguf-build-", dir=target.parent))
         try:
             _dequantize(path, tmp, dtype)
-            for item in (tmp, *tmp.iterdir()):  # mkdtemp and safetensors create owner-only modes
-                item.chmod(0o755 if item.is_dir() else 0o644)
+            set_usual_modes(tmp)
             os.rename(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

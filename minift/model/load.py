@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from minift.data.encode import CHATML_TEMPLATE
+from minift.model.files import check_model_dir, set_usual_modes
 from minift.model.from_gguf import gguf_model_dir, is_gguf_file
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def tiny_model_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=target.parent))
     try:
         build_tiny_model(tmp, corpus)
+        set_usual_modes(tmp)
         try:
             os.rename(tmp, target)  # atomic; another process may have won the race, which is fine
         except OSError:
@@ -220,6 +222,8 @@ def load_model(
     if task == "seq_cls":
         kwargs.update(num_labels=1, pad_token_id=tokenizer.pad_token_id)
     auto = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
+    if Path(path).is_dir():
+        check_model_dir(path)
     try:
         model = auto.from_pretrained(path, **kwargs)
     except OSError as err:
@@ -245,7 +249,7 @@ def _bnb_config(quantization: str, compute_dtype):
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as err:
-        raise ImportError(f"quantization={quantization!r} needs bitsandbytes: pip install 'minift[quant]'") from err
+        raise ImportError(f"quantization={quantization!r} needs bitsandbytes: pip install bitsandbytes") from err
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":

@@ -19,9 +19,14 @@ from minift.config import ConfigError
 from minift.constants import DEFAULT_ADAPTER
 from minift.lora.adapters import atomic_directory, load_adapter, save_adapter
 from minift.lora.layers import set_trainable
+from minift.model.files import set_usual_modes
 from minift.model.from_gguf import file_sha256
 
 logger = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a quota); nothing of it is left behind."""
 
 
 def _rng_state() -> dict:
@@ -51,13 +56,20 @@ def save_checkpoint(accelerator, output_dir: str | Path, weights: "Weights", opt
     rng_states = gather_object([_rng_state()])
     path = Path(output_dir) / f"checkpoint-{state['step']}"
     if accelerator.is_main_process:
-        with atomic_directory(path) as tmp:
-            weights.save(tmp)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(rng_states, tmp / "rng.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps({**state, "checkpoint": str(path)}, indent=2))
-            write_manifest(tmp)
+        try:
+            with atomic_directory(path) as tmp:
+                weights.save(tmp)
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+                torch.save(rng_states, tmp / "rng.pt")
+                (tmp / "trainer_state.json").write_text(json.dumps({**state, "checkpoint": str(path)}, indent=2))
+                write_manifest(tmp)
+        except (OSError, RuntimeError) as err:  # a full disk: OSError, or torch.save's RuntimeError around it
+            previous = last_good_checkpoint(output_dir)
+            kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+            raise CheckpointError(f"could not write checkpoint {path}: {getattr(err, 'strerror', None) or err}; "
+                                  f"{kept}. Free space (or pick another output_dir) and resume with "
+                                  f"--resume_from_checkpoint auto") from err
         prune_checkpoints(Path(output_dir), save_total_limit, keep=[path, state.get("best_checkpoint")])
     accelerator.wait_for_everyone()
     return path
@@ -88,6 +100,9 @@ class Weights:
         for name, module in self.extra_modules.items():
             save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(out_dir / f"{name}.safetensors"),
                       metadata={"format": "pt"})
+            set_usual_modes(out_dir / f"{name}.safetensors")
+        if self.full:
+            set_usual_modes(out_dir / "model")
         return out_dir / self.subdir
 
     def load(self, checkpoint: Path) -> None:

@@ -22,6 +22,7 @@ class DataPlan:
     formats: dict[str, dict] = field(default_factory=dict)  # split -> {format: count}
     steps: int | None = None
     notes: list[str] = field(default_factory=list)
+    example: str | None = None  # the first training example as encoded, its trained tokens marked
 
 
 def check_models(cfg, where: str, *, student: str, later: Callable[[str], bool] = lambda _: False) -> list[str]:
@@ -55,7 +56,7 @@ def check_models(cfg, where: str, *, student: str, later: Callable[[str], bool] 
 def plan_data(cfg, tokenizer, world: int = 1) -> DataPlan:
     """Open ``cfg``'s data, check every record against the recipe's kind (``RECORDS``), count examples per split
     and format, and the optimizer steps (packed rows for packed SFT data; ``cfg.batch_plan()`` per step)."""
-    from minift.data.encode import encode_sft
+    from minift.data.encode import encode_sft, show_trained
     from minift.data.formats import normalize_all
     from minift.data.packing import pack_examples
     from minift.data.read import load_records, train_eval_records
@@ -79,6 +80,11 @@ def plan_data(cfg, tokenizer, world: int = 1) -> DataPlan:
             plan.notes.append(f"{split}: {len(norm.skipped)} invalid records skipped (first: {norm.skipped[0]})")
         if split == "train":
             rows = len(norm.examples)
+            if kind == "sft" and norm.examples and hasattr(cfg, "train_on"):
+                first, _ = encode_sft(norm.examples[:1], tokenizer, max_seq_length=cfg.max_seq_length,
+                                      train_on=cfg.train_on, truncation="truncate")
+                if first:
+                    plan.example = show_trained(tokenizer, first[0]["input_ids"], first[0]["labels"])
             if kind == "sft" and getattr(cfg, "packing", False) and hasattr(cfg, "train_on"):
                 encoded, _ = encode_sft(norm.examples, tokenizer, max_seq_length=cfg.max_seq_length,
                                         train_on=cfg.train_on, truncation=cfg.truncation)
@@ -99,7 +105,11 @@ def plan_data(cfg, tokenizer, world: int = 1) -> DataPlan:
 def describe(plan: DataPlan) -> list[str]:
     lines = [f"    {split} records: " + ", ".join(f"{k} {n}" for k, n in sorted(formats.items()))
              for split, formats in plan.formats.items()]
-    return lines + [f"    note: {n}" for n in plan.notes]
+    lines += [f"    note: {n}" for n in plan.notes]
+    if plan.example is not None:
+        lines.append("    first training example, trained tokens between [[ ]]:")
+        lines += [f"      {line}" if line else "" for line in plan.example.splitlines()]
+    return lines
 
 
 def recipe_dry_run(cfg, name: str) -> str:

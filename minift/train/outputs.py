@@ -69,7 +69,7 @@ _PLOT_SKIPPED = []
 
 
 def plot_losses(history: list[dict], path: Path) -> Path | None:
-    """A loss-curve PNG when matplotlib is installed (``pip install 'minift[plot]'``); else None, said once."""
+    """A loss-curve PNG when matplotlib is installed (``pip install matplotlib``, or the ``[plot]`` extra); else None, said once."""
     try:
         import matplotlib
 
@@ -77,7 +77,7 @@ def plot_losses(history: list[dict], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         if not _PLOT_SKIPPED:
-            logger.info("loss plot skipped: matplotlib is not installed (pip install 'minift[plot]')")
+            logger.info("loss plot skipped: matplotlib is not installed (pip install matplotlib)")
             _PLOT_SKIPPED.append(True)
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -26,6 +26,7 @@ from minift.constants import IGNORE_INDEX
 from minift.data.packing import CHOSEN, collate_flat, collate_padded, pack_pairs
 from minift.lora.layers import disable_adapters
 from minift.losses import DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
+from minift.model.files import set_usual_modes
 from minift.train.generation import generate
 
 logger = logging.getLogger(__name__)
@@ -183,6 +184,7 @@ class Reference:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             save_file(tables, str(tmp), metadata={"key": key})
+            set_usual_modes(tmp)
             tmp.replace(path)
         accelerator.wait_for_everyone()
         self.tables = tables

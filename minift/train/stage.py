@@ -40,6 +40,7 @@ from minift.train.batches import (
 )
 from minift.train.checkpoints import (
     CHECKPOINT,
+    CheckpointError,
     Weights,
     check_same_run,
     find_checkpoint,
@@ -341,7 +342,8 @@ def run_recipe(main, config_class, doc: str, errors: tuple[type[Exception], ...]
             else:
                 main(config)
         finished = True
-    except (ConfigError, FileNotFoundError, RecordError, RewardError, HubPushError, FloatingPointError, *errors) as err:
+    except (ConfigError, FileNotFoundError, RecordError, RewardError, HubPushError, FloatingPointError, CheckpointError,
+            *errors) as err:
         sys.exit(f"error: {err}")
     finally:
         release_output_dirs()

@@ -24,6 +24,7 @@ from minift.constants import IGNORE_INDEX
 from minift.lora.adapters import load_adapter
 from minift.lora.layers import merge_lora, unwrap_lora
 from minift.model.attention import use_document_attention
+from minift.model.files import set_usual_modes
 from minift.model.load import load_model, resolve_model_path
 from minift.train.forward import CausalLMLoss
 from minift.train.jsonl_cache import JsonlCache, cache_key
@@ -163,6 +164,7 @@ class TopKCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             save_file(tables, str(tmp), metadata={"key": key})
+            set_usual_modes(tmp)
             tmp.replace(path)
             logger.info("wrote the teacher's top-%d log-probs to %s (%.1f MiB)", k, path, path.stat().st_size / 2**20)
         accelerator.wait_for_everyone()

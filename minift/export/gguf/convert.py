@@ -204,6 +204,10 @@ def convert(model_dir: str | Path, out: str | Path, *, outtype: str = "f16", ada
         raise ValueError(f"{out} is a directory; give the path of the .gguf file to write")
     if lora_only and not adapters:
         raise ValueError("--lora-only writes adapters: give at least one with --adapter DIR")
+    inputs = {f.resolve() for d in (model_dir, *map(Path, adapters)) if d.is_dir() for f in d.iterdir()
+              if f.is_file() and f.suffix != ".gguf"}
+    if out.resolve() in inputs:
+        raise ValueError(f"{out} is one of the conversion's input files; write the GGUF to a new .gguf path")
     if lora_only and ollama:
         raise ValueError("--ollama applies to full models; for an adapter add DEFAULT_ADAPTER to the base model's Modelfile")
     config = read_config(model_dir)
