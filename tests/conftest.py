@@ -369,9 +369,10 @@ def start_server(*args: str, timeout: float = 180) -> tuple[subprocess.Popen, st
 
 # The SFT every real-model test shares (tests/test_real_model.py): LoRA r16 / alpha 32 on all linear layers, lr 1e-3,
 # 8 packed rows of 128 tokens a step, fp32, 30 steps (about 3.5 s a step on 2 CPU cores); its checkpoint at step 5
-# (50% held-out exact match) is the weak start of the GRPO test.
+# (50% held-out exact match) is the weak start of the GRPO test. The exact-match evaluation generates 32 tokens at
+# most (a demo answer takes under 10; the real-model default of 256 lets the untrained model ramble for minutes).
 SMOLLM2_SFT = dict(lora_r=16, lora_alpha=32.0, learning_rate=1e-3, per_device_train_batch_size=8, max_steps=30,
-                   max_seq_length=128, logging_steps=1, save_steps=5)
+                   max_seq_length=128, logging_steps=1, save_steps=5, max_new_tokens=32)
 
 
 @pytest.fixture(scope="session")

@@ -167,7 +167,7 @@ def test_grpo_from_a_weak_start_raises_the_reward(smollm2_gguf, smollm2_sft, tmp
         result = grpo.main(grpo.GRPOConfig(
             model_name_or_path=str(smollm2_gguf), init_adapter=str(start), output_dir=str(tmp_path / "grpo"),
             max_steps=16, learning_rate=5e-4, lora_r=16, lora_alpha=32.0, per_device_train_batch_size=32,
-            num_generations=8, max_completion_length=16, max_seq_length=128, logging_steps=1))
+            num_generations=8, max_completion_length=16, max_seq_length=128, max_new_tokens=32, logging_steps=1))
     print(f"GRPO held-out exact match {result['answer_accuracy_before']:.2f} -> {result['answer_accuracy']:.2f}")
     assert 0.3 <= result["answer_accuracy_before"] <= 0.7, result
     assert result["answer_accuracy"] >= result["answer_accuracy_before"] + 0.05, result
