@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import socket
 import subprocess
 import sys
 import threading
@@ -232,3 +233,45 @@ def test_concurrent_requests_are_decoded_together(engine, monkeypatch):
     assert sum(calls) == 16 and len(calls) <= 6 and max(calls) == 8, calls
     want = generate(prompts, SamplingParams(max_new_tokens=6), chat=False)
     assert [answers[i] for i in range(16)] == [c.text for c in want]
+
+
+def test_a_stream_whose_client_leaves_stops_decoding(engine, monkeypatch):
+    """A streaming client that disconnects after its first chunk: its rows leave the batch within a few tokens
+    (before, they decoded to max_tokens while the next request waited behind them), and the next request is
+    answered at once. Nothing ends a completion here but max_tokens, so only the disconnect can stop it."""
+    from minift.infer.server import APIServer, ServerConfig
+    from minift.train import sampling
+
+    monkeypatch.setattr(sampling, "stop_token_ids", lambda *a: set())
+    lengths: list[int] = []
+    generate = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda *a, **k: [lengths.append(len(c.token_ids)) or c
+                                                             for c in generate(*a, **k)])
+    srv = APIServer(engine, ServerConfig(served_model_name="tiny", max_tokens=900), "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        parts = urlparse(srv.url)
+        body = json.dumps({"model": "tiny", "prompt": "red cup", "max_tokens": 900, "stream": True,
+                           "temperature": 1.0}).encode()
+        with socket.create_connection((parts.hostname, parts.port), timeout=60) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            received = b""
+            while b"data: " not in received:  # the headers and the first event, then the client leaves
+                chunk = sock.recv(4096)
+                assert chunk, received
+                received += chunk
+            assert received.startswith(b"HTTP/1.0 200") or received.startswith(b"HTTP/1.1 200"), received
+        deadline = time.monotonic() + 60
+        while not lengths and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lengths and lengths[0] < 100, lengths  # it stopped a few tokens after the disconnect, not at 900
+        client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=60)
+        start = time.monotonic()
+        assert client.completions.create(model="tiny", prompt="red cup", max_tokens=3, temperature=0).choices[0].text
+        assert time.monotonic() - start < 10
+        status, err = raw_post(srv.url.removesuffix("/v1"), "/v1/completions", b"[" * 100_000 + b"]" * 100_000)
+        assert status == 400 and "nested too deeply" in err["error"]["message"], err
+    finally:
+        srv.shutdown()
+        srv.server_close()

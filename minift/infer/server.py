@@ -51,6 +51,7 @@ class Job:
     def __init__(self, request: Request):
         self.request = request
         self.events: queue.Queue = queue.Queue()
+        self.abandoned = False  # set by the handler when a streaming client disconnects: its rows stop decoding
 
     @property
     def rows(self) -> int:
@@ -101,10 +102,13 @@ class Batcher:
     def _run(self, adapter: str, n: int, jobs: list[Job]) -> None:
         owners = [(job, i) for job in jobs for i in range(len(job.request.prompts))]
 
-        def on_text(k: int, text: str, done) -> None:
+        def on_text(k: int, text: str, done) -> bool:
             job, i = owners[k // n]
+            if job.abandoned:
+                return False
             if job.request.stream:
                 job.events.put(("text", i * n + k % n, text, done))
+            return True
 
         try:
             with self.lock:
@@ -242,6 +246,8 @@ class Handler(BaseHTTPRequestHandler):
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise APIError(400, f"the request body is not valid JSON: {err}") from None
+        except RecursionError:
+            raise APIError(400, "the request body is JSON nested too deeply") from None
 
     def _completions(self, body, path: str) -> None:
         request = self.server.parse(body, chat=path.endswith("/chat/completions"))
@@ -272,7 +278,8 @@ class Handler(BaseHTTPRequestHandler):
                     self.wfile.write(f"data: {json.dumps(data) if not isinstance(data, str) else data}\n\n".encode())
                     self.wfile.flush()
                 except (BrokenPipeError, ConnectionResetError):
-                    connected = False  # the client left; its rows still finish with the batch
+                    connected = False  # the client left: its rows leave the batch at their next token
+                    job.abandoned = True
 
         if job.request.chat:  # chat choices open with the assistant's role
             for choice in range(job.rows):

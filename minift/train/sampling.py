@@ -170,12 +170,13 @@ def _invert(cdf: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def sample(model: nn.Module, tokenizer, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], *,
-           n: int = 1, on_text: Callable[[int, str, Completion | None], None] | None = None) -> list[Completion]:
+           n: int = 1, on_text: Callable[[int, str, Completion | None], bool | None] | None = None) -> list[Completion]:
     """``n`` completions of each prompt (token ids, chat template already applied), returned prompt-major:
     completion ``j`` of prompt ``i`` is at ``i * n + j`` and draws from ``row_seed(params[i].seed, j)``.
 
     ``params``: one for all prompts or one per prompt. ``on_text(k, new_text, completion)``: called as text of
-    completion ``k`` becomes final (``completion`` is passed once, when it has finished), for streaming.
+    completion ``k`` becomes final (``completion`` is passed once, when it has finished), for streaming; when it
+    returns False, completion ``k`` stops there (a server's client disconnected) and the others go on.
     """
     params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
     if len(params) != len(prompts):
@@ -239,8 +240,8 @@ def _decode(model, tokenizer, prompts, params, n, on_text) -> list[Completion]:
             done = rows[k].add(picked[slot], chosen[slot], alts, tokenizer, stops, on_text is not None)
             if on_text is not None:
                 new = rows[k].unstreamed(done)
-                if new or done:
-                    on_text(k, new, rows[k].completion if done else None)
+                if (new or done) and on_text(k, new, rows[k].completion if done else None) is False:
+                    done = True  # its reader has gone: the row leaves the batch unfinished
             if not done:
                 keep.append(slot)
         if not keep:
