@@ -86,6 +86,16 @@ def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown key {key!r}{hint}")
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """A user's text file as UTF-8, a byte-order mark (Notepad, Excel) dropped; ``what`` names it in the errors."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+
+
 def load_yaml(path: str | Path) -> tuple[dict, dict[tuple, int]]:
     """A YAML mapping, and the 1-based line of every key and list item by its path (``("stages", 0, "name")``).
     Errors name the file and line; a key given twice at any depth is one (YAML itself lets the last one win,
@@ -93,12 +103,7 @@ def load_yaml(path: str | Path) -> tuple[dict, dict[tuple, int]]:
     import yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    try:
-        text = path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    text = read_text_file(path, "config file")
     try:
         node = yaml.compose(text)
         _check_yaml_graph(node, str(path))  # before anything expands the aliases

@@ -16,7 +16,6 @@ are replaced by those of further prompts. The reference for ``beta > 0``: the tr
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,11 +176,8 @@ def main(cfg: GRPOConfig) -> dict:
     logps_model = stage.prepare(logps_model, batches)
     stage.resume()
     per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
-    clock = time.perf_counter()
     for window in stage.steps():  # (the window's rollouts are made as stage.steps() yields it)
         loss, record = grpo_step(accelerator, logps_model, cfg, window, make.names)
-        record["generate_share"], make.generating = make.generating / (time.perf_counter() - clock), 0.0
-        clock = time.perf_counter()
         stage.update(loss, record, units=per_step)
     return stage.finish(data=data_report)
 

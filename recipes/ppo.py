@@ -19,7 +19,6 @@ passes over the batch in ``num_minibatches`` minibatches, each an optimizer step
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,11 +206,8 @@ def main(cfg: PPOConfig) -> dict:
     stage.resume()
     kl.value = stage.state.setdefault("kl_coef", kl.value)  # a resumed run goes on with the saved coefficient
     per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
-    clock = time.perf_counter()
     for window in stage.steps():  # (the window's rollouts are made as stage.steps() yields it)
         record = ppo_step(accelerator, wrapper, cfg, window, stage.state["step"] + 1, make.names)
-        record["generate_share"], make.generating = make.generating / (time.perf_counter() - clock), 0.0
-        clock = time.perf_counter()
         stage.state["kl_coef"] = kl.value
         stage.update(record["loss"], record, units=per_step / cfg.updates)
     with policy_value.policy_only():  # the final greedy evaluation is the policy's

@@ -19,7 +19,6 @@ half). API judge calls are cached in ``output_dir/judge_cache``: a resumed run r
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,7 +182,6 @@ def main(cfg: RLAIFConfig) -> dict:
     stage.resume()
     world = accelerator.num_processes
     per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
-    clock = time.perf_counter()
     for window in stage.steps():
         if cfg.mode == "grpo":
             loss, record = grpo_step(accelerator, wrapper, cfg, window, make.names)
@@ -193,8 +191,6 @@ def main(cfg: RLAIFConfig) -> dict:
             means = accelerator.reduce(torch.stack(rollout).mean(0).to(accelerator.device), "mean").tolist()
             record.update(zip(make.names, means))
             loss = record["loss"]
-        record["generate_share"], make.generating = make.generating / (time.perf_counter() - clock), 0.0
-        clock = time.perf_counter()
         stage.update(loss, record, units=per_step)
     return stage.finish(data=data_report)
 

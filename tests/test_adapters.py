@@ -212,7 +212,8 @@ def test_corrupt_safetensors_is_refused(saved, tiny_dir):
     path = saved / "adapter_model.safetensors"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     model, _ = load_model_and_tokenizer(str(tiny_dir))
-    with pytest.raises(ValueError, match=r"adapter_model\.safetensors is truncated: its tensors need [0-9,]+ bytes of data"):
+    with pytest.raises(ValueError,
+                       match=r"adapter_model\.safetensors is truncated: its tensors need [0-9,]+ bytes of data"):
         load_adapter(model, saved)
 
 

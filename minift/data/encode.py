@@ -11,7 +11,6 @@ train on is dropped and counted.
 
 from __future__ import annotations
 
-import codecs
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,15 +58,10 @@ def read_chat_template(chat_template_file: str | Path) -> str:
     from jinja2 import TemplateSyntaxError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    from minift.config import ConfigError
+    from minift.config import ConfigError, read_text_file
 
     path = Path(chat_template_file).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"chat template file {path} does not exist")
-    try:
-        text = path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"chat template file {path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    text = read_text_file(path, "chat template file")
     try:
         ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
     except TemplateSyntaxError as err:

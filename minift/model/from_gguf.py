@@ -58,7 +58,7 @@ def check_gguf(path: Path) -> tuple[str, int]:
     try:
         header = read_header(path)
     except GGUFFormatError as err:
-        raise ConfigError(str(err) if str(err).startswith(str(path)) else f"{path}: {err}") from None
+        raise ConfigError(str(err)) from None
     if header.metadata.get("general.type") == "adapter":
         raise ConfigError(f"{path} is a LoRA adapter GGUF, not a model; pass the base model's GGUF (or directory)")
     arch = header.metadata.get("general.architecture")

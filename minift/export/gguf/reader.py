@@ -8,6 +8,7 @@ allocation.
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ _SCALARS = {ValueType.UINT8: "<B", ValueType.INT8: "<b", ValueType.UINT16: "<H",
 
 
 class GGUFFormatError(ValueError):
-    """The file is not a GGUF file this reader understands, or it ends too early."""
+    """The file is not a GGUF file this reader understands, or it ends too early; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,7 @@ class TensorInfo:
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def type_name(self) -> str:
@@ -70,13 +68,13 @@ class GGUFHeader:
 class _Cursor:
     """Reads little-endian values from a buffer, never past its end."""
 
-    def __init__(self, buf):
-        self.buf, self.pos, self.size = buf, 0, len(buf)
+    def __init__(self, buf, path: Path):
+        self.buf, self.pos, self.size, self.path = buf, 0, len(buf), path
 
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > self.size:
-            raise GGUFFormatError(f"the header ends early at byte {self.pos} of {self.size}: the file is "
-                                  f"truncated or its header is corrupt")
+            raise GGUFFormatError(f"{self.path}: the header ends early at byte {self.pos} of {self.size}: the file "
+                                  f"is truncated or its header is corrupt")
         self.pos += n
         return self.buf[self.pos - n:self.pos]
 
@@ -88,7 +86,8 @@ class _Cursor:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise GGUFFormatError(f"a string at byte {self.pos - len(raw)} is not UTF-8 ({err})") from None
+            raise GGUFFormatError(f"{self.path}: a string at byte {self.pos - len(raw)} is not UTF-8 "
+                                  f"({err})") from None
 
     def value(self, vtype: int):
         if vtype == ValueType.STRING:
@@ -96,14 +95,14 @@ class _Cursor:
         if vtype == ValueType.ARRAY:
             element_type, count = self.unpack("<I"), self.unpack("<Q")
             if element_type == ValueType.ARRAY:
-                raise GGUFFormatError("nested metadata arrays are not supported")
+                raise GGUFFormatError(f"{self.path}: nested metadata arrays are not supported")
             if element_type in _SCALARS:  # check the length before allocating anything
                 fmt = _SCALARS[ValueType(element_type)]
                 raw = self.take(count * struct.calcsize(fmt))
                 return list(struct.unpack(f"<{count}{fmt[1]}", raw))
             return [self.value(element_type) for _ in range(min(count, self.size))]
         if vtype not in _SCALARS:
-            raise GGUFFormatError(f"unknown metadata value type {vtype} at byte {self.pos - 4}")
+            raise GGUFFormatError(f"{self.path}: unknown metadata value type {vtype} at byte {self.pos - 4}")
         return self.unpack(_SCALARS[ValueType(vtype)])
 
 
@@ -114,15 +113,14 @@ def read_header(path: str | Path) -> GGUFHeader:
         if f.read(4) != GGUF_MAGIC:
             raise GGUFFormatError(f"{path} is not a GGUF file (it does not start with b'GGUF')")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _parse(buf)
+            return _parse(_Cursor(buf, path))
 
 
-def _parse(buf) -> GGUFHeader:
-    cur = _Cursor(buf)
+def _parse(cur: _Cursor) -> GGUFHeader:
     cur.take(4)
     version = cur.unpack("<I")
     if version not in (2, 3):
-        raise GGUFFormatError(f"GGUF version {version} is not one this reader knows (2 or 3)")
+        raise GGUFFormatError(f"{cur.path}: GGUF version {version} is not one this reader knows (2 or 3)")
     n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
     metadata = {}
     for _ in range(min(n_kv, cur.size)):  # each entry takes bytes, so a huge count ends as "truncated"
