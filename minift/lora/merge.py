@@ -81,15 +81,6 @@ def combine_adapters(adapter_dirs: list[str | Path], out_dir: str | Path, *, sta
     return Path(out_dir)
 
 
-def _task_type(adapter_dir: str | Path) -> str | None:
-    """An adapter's ``task_type``, or None where its config is missing or unreadable (load_adapter then says why)."""
-    try:
-        config = json.loads((Path(adapter_dir) / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return config.get("task_type") if isinstance(config, dict) else None
-
-
 def merge_and_save(
     base_model_name_or_path: str,
     adapter_dirs: list[str | Path],
@@ -107,7 +98,8 @@ def merge_and_save(
     """
     from minift.model.load import load_model_and_tokenizer
 
-    task = "seq_cls" if adapter_dirs and _task_type(adapter_dirs[-1]) == "SEQ_CLS" else "causal_lm"
+    configs = [read_adapter(d)[0] for d in adapter_dirs]  # every adapter checked before the base loads
+    task = "seq_cls" if configs and configs[-1].get("task_type") == "SEQ_CLS" else "causal_lm"
     model, tokenizer = load_model_and_tokenizer(base_model_name_or_path, dtype=dtype, task=task)
     for i, adapter_dir in enumerate(adapter_dirs):
         load_adapter(model, adapter_dir, adapter_name=f"stage{i}")
