@@ -402,3 +402,9 @@ def smollm2_sft(smollm2_gguf, smollm2_dir, tmp_path_factory):
     print(f"SmolLM2 SFT: {time.monotonic() - started:.0f} s, exact match {result['answer_accuracy_before']:.2f} -> "
           f"{result['answer_accuracy']:.2f}")
     return out, result
+
+
+def readme_row(label: str) -> list[str]:
+    """The cells after the label of the README's Markdown table row that starts with ``| label |``."""
+    [line] = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith(f"| {label} |")]
+    return [cell.strip() for cell in line.strip("|").split("|")][1:]

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import load_recipe
+from conftest import load_recipe, readme_row
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "evaluate.py"
@@ -67,6 +67,16 @@ def test_side_by_side_table_shows_the_demo_learning(demo_chain, tiny_dir, tmp_pa
     assert results["sft"]["loss"] < results["base"]["loss"] / 10
     # The DPO adapter alone sits on top of SFT: without it, it is not the demo model; the combined one is.
     assert results["final"]["exact_match"] >= 0.85
+    # The README's table of this run (base, sft, final): exact match within one point; each loss within 1% of the
+    # figure shown, or inside the range shown (the trained losses differ by a third between the project's CPUs).
+    columns = ("base", "sft", "final")
+    for cell, column in zip(readme_row("exact_match"), columns, strict=True):
+        assert abs(int(cell.rstrip("%")) - 100 * results[column]["exact_match"]) <= 1, (column, cell)
+    for cell, column in zip(readme_row("loss"), columns, strict=True):
+        low, _, high = cell.partition("-")
+        got = results[column]["loss"]
+        assert (float(low) <= round(got, 2) <= float(high)) if high else got == pytest.approx(float(low), rel=0.01), \
+            (column, cell, got)
 
 
 def test_bad_input_is_reported_before_loading(tiny_dir, random_adapters, gpt2_dir, tmp_path):

@@ -100,7 +100,7 @@ class PipelineSpec:
 def load_recipe(recipe: str, recipes_dir: Path, where: str):
     """A built-in recipe by file name (``recipes/<recipe>.py``) or a user's ``package.module``; either exposes
     ``main(config[, previous])`` whose first parameter is annotated with its config dataclass."""
-    builtin = sorted(p.stem for p in recipes_dir.glob("*.py") if p.stem != "pipeline")
+    builtin = sorted(p.stem for p in recipes_dir.glob("*.py") if p.stem not in ("pipeline", "__init__"))
     if str(recipes_dir) not in sys.path:  # recipes import each other by file name (``from sft import ...``)
         sys.path.insert(0, str(recipes_dir))
     if "" not in sys.path and str(Path.cwd()) not in sys.path:  # a user's module in the working directory
