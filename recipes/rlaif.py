@@ -59,6 +59,8 @@ class RLAIFConfig(GRPOConfig):
     judge_rubric: str = field(default=RUBRIC, metadata={"help": "what the judge is told to value"})
     dpo_loss_type: str = field(default="sigmoid", metadata={"help": "online_dpo: a DPO loss type"})
     dpo_beta: float = field(default=0.1, metadata={"help": "online_dpo: DPO's beta"})
+    dpo_rpo_alpha: float = field(default=0.0, metadata={"help": "online_dpo: weight of the chosen completions' NLL "
+                                                                 "(iterative RPO, Pang et al. 2024)"})
     num_generations: int = field(default=2, metadata={"help": "completions per prompt (k)"})
     reward: list[str] = field(default_factory=list, metadata={"help": "rewards added to the judge's score (e.g. "
                                                                       "think_format), comma-separated"})
@@ -82,7 +84,7 @@ class RLAIFConfig(GRPOConfig):
                   (self.mode == "grpo" or self.lora_r > 0, "online DPO's reference is the start model, which a full "
                                                            "fine-tune (lora_r 0) does not keep: train an adapter")]
         require(checks)
-        PreferenceLoss(self.dpo_loss_type, self.dpo_beta)  # checks the loss type and beta
+        PreferenceLoss(self.dpo_loss_type, self.dpo_beta, rpo_alpha=self.dpo_rpo_alpha)  # checks the three
 
 
 def make_judge(cfg: RLAIFConfig, device):
@@ -115,7 +117,12 @@ class OnlineDPOBatches:
         scores = batch["rewards"].view(-1, k)
         best, worst = scores.argmax(1), scores.argmin(1)
         pairs = []
+        # A prompt whose completions scored the same gives no preference (and RPO's NLL would train an arbitrary
+        # one): it is left out, unless every prompt of the batch tied.
+        tied = (scores.max(1).values - scores.min(1).values) <= 0
         for i, (b, w) in enumerate(zip(best.tolist(), worst.tolist())):
+            if tied[i] and not tied.all():
+                continue
             sides = {}
             for side, j in (("chosen", b), ("rejected", w)):
                 row = batch["input_ids"][i * k + j][batch["attention_mask"][i * k + j].bool()].tolist()
@@ -123,6 +130,7 @@ class OnlineDPOBatches:
                 sides.update({f"{side}_input_ids": row, f"{side}_labels": labels})
             pairs.append({**sides, "index": i})
         metrics["score_margin"] = (scores.max(1).values - scores.min(1).values).mean().item()
+        metrics["tied"] = tied.float().mean().item()
         rows, _ = pack_pairs(pairs, max(len(p["chosen_input_ids"]) + len(p["rejected_input_ids"]) for p in pairs))
         out = collate_flat(rows)
         out["pair_index"] = torch.arange(len(pairs))
@@ -174,7 +182,7 @@ def main(cfg: RLAIFConfig) -> dict:
         logps_model = SequenceLogprobs(model)
         make = OnlineDPOBatches(cfg, model, tokenizer, rewards)
         reference = Reference(logps_model, stage.adapter_name)
-        preference = PreferenceLoss(cfg.dpo_loss_type, cfg.dpo_beta)
+        preference = PreferenceLoss(cfg.dpo_loss_type, cfg.dpo_beta, rpo_alpha=cfg.dpo_rpo_alpha)
     batches = stage.online_batches(prompts, make)
     evaluate = (lambda _: win_rate(accelerator, model, tokenizer, judge, held_out, cfg.max_completion_length,
                                    stage.adapter_name)) if held_out else None

@@ -4,6 +4,7 @@ a failing judge ends in one clear error naming the URL; the judge reward's arith
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -65,6 +66,24 @@ def quick(tmp_path: Path, url: str, *extra) -> list:
 def run_rlaif(*args, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(RLAIF), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
+
+
+@pytest.mark.slow
+def test_rpo_adds_the_chosen_completions_nll(weak_sft, tmp_path):
+    """``--dpo_rpo_alpha 1``: the first step's loss is DPO's log 2 (the policy is still its reference) plus the chosen
+    completions' mean NLL per token, positive; without it, log 2 alone. The share of tied prompts is logged."""
+    judge = ChatServer(verdict)
+    try:
+        for alpha in ("0", "1"):
+            proc = run_rlaif(*quick(tmp_path, judge.url, "--init_adapter", weak_sft[0], "--max_steps", "1",
+                                    "--dpo_rpo_alpha", alpha), "--output_dir", tmp_path / alpha)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+    finally:
+        judge.close()
+    plain, rpo = logged(tmp_path / "0")[1], logged(tmp_path / "1")[1]
+    assert plain == pytest.approx(math.log(2), abs=1e-5)
+    assert rpo - plain > 0.05, (plain, rpo)  # the same samples (same seed): the difference is the NLL term
+    assert 0 <= logged(tmp_path / "1", "tied")[1] < 1
 
 
 @pytest.mark.slow
