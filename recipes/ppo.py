@@ -40,7 +40,7 @@ from minift.train.rewards import Rewards, load_reward
 from minift.train.rollouts import Rollouts, load_prompts, rollout_params
 from minift.train.setup import lora_config_from
 from minift.train.stage import Stage, run_recipe
-from minift.train.value import PolicyValue, add_value_function
+from minift.train.value import PolicyValue, add_value_function, average_gradients
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -159,27 +159,36 @@ def minibatch_rows(cfg: PPOConfig, step: int, rows: int) -> torch.Tensor:
 
 def ppo_step(accelerator, wrapper, cfg: PPOConfig, window: list[dict], step: int, names: list[str]) -> dict:
     """The clipped policy and value losses over this step's minibatch of each micro-batch, normalized by the
-    completion tokens of all of them on every process; one backward per micro-batch."""
+    completion tokens of all of them on every process. With a value adapter the policy and value passes each get
+    their own backward (only one pass's activations alive at a time) under ``no_sync``, and the step's gradients
+    are averaged over processes once at the end (DDP's own reduction skips parameters a pass leaves unused)."""
     parts = [{k: v if k == "metrics" else v[minibatch_rows(cfg, step, len(batch["input_ids"]))]
               for k, v in batch.items()} for batch in window]
     masks = [b["labels"][:, 1:] != IGNORE_INDEX for b in parts]
     tokens = accelerator.reduce(torch.tensor(float(sum(int(m.sum()) for m in masks)), device=accelerator.device), "sum")
     stats = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
+    two_passes = cfg.value_model == "adapter"
     for i, (batch, mask) in enumerate(zip(parts, masks)):
-        with contextlib.nullcontext() if i == len(parts) - 1 else accelerator.no_sync(wrapper):
-            logps, values = wrapper(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    labels=batch["labels"])
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+        share = mask.sum() / tokens  # this micro-batch's share of the step's tokens (all processes)
+        scale = share * accelerator.num_processes
+        with accelerator.no_sync(wrapper) if two_passes or i < len(parts) - 1 else contextlib.nullcontext():
+            logps, values = (wrapper(**inputs, part="policy"), None) if two_passes else wrapper(**inputs)
             policy_loss, policy_stats = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask,
                                                         clip_range=cfg.cliprange)
+            if two_passes:  # the policy pass's activations are freed before the value pass stores its own
+                accelerator.backward(policy_loss * scale)
+                values = wrapper(**inputs, part="value")
             value_loss, value_stats = ppo_value_loss(values, batch["old_values"], batch["returns"], mask,
                                                      clip_range=cfg.cliprange_value)
-            share = mask.sum() / tokens  # this micro-batch's share of the step's tokens (all processes)
-            loss = (policy_loss + cfg.vf_coef * value_loss) * share
-            accelerator.backward(loss * accelerator.num_processes)
+            accelerator.backward((cfg.vf_coef * value_loss + (0 if two_passes else policy_loss)) * scale)
+        loss = (policy_loss.detach() + cfg.vf_coef * value_loss.detach()) * share
         weights = torch.stack([policy_loss.detach(), value_loss.detach(), policy_stats["clip_frac"],
                                policy_stats["approx_kl"], value_stats["value_clip_frac"],
                                value_stats["explained_variance"]]).double() * share
-        stats += torch.cat([weights, loss.detach().double()[None]])
+        stats += torch.cat([weights, loss.double()[None]])
+    if two_passes:
+        average_gradients(accelerator, wrapper)
     totals = accelerator.reduce(stats, "sum").tolist()
     rollout = accelerator.reduce(torch.stack([b["metrics"] for b in window]).mean(0).to(accelerator.device), "mean")
     record = dict(zip(names, rollout.tolist()))

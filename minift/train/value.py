@@ -36,19 +36,24 @@ class PolicyValue(nn.Module):
         """The model as the policy alone (the value adapter off): for sampling and greedy evaluation."""
         return self._off([self.value_adapter] if self.value_adapter else [])
 
-    def forward(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids, attention_mask, labels, part: str = "both"):
+        """``(logps, values)``; with a value adapter, ``part`` "policy" or "value" runs that pass alone and returns its
+        tensor, so that a backward after each pass frees its activations before the next pass stores its own."""
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         labelled = labels[:, 1:] != IGNORE_INDEX
-        with self.policy_only():
-            hidden, targets = self.logps.labelled_hidden(batch)
-            logps = self.logps.labelled_logps(batch, (hidden, targets))
+        zeros = torch.zeros(labelled.shape, dtype=torch.float32, device=input_ids.device)
+        if part != "value" or not self.value_adapter:
+            with self.policy_only():
+                hidden, targets = self.logps.labelled_hidden(batch)
+                logps = zeros.masked_scatter(labelled, self.logps.labelled_logps(batch, (hidden, targets)))
+            if part == "policy":
+                return logps
         if self.value_adapter:
             with self._off([DEFAULT_ADAPTER]):
                 hidden, _ = self.logps.labelled_hidden(batch)
         head = self.model.value_head
-        values = head(hidden.to(head.weight.dtype)).squeeze(-1).float()
-        zeros = logps.new_zeros(labelled.shape)
-        return zeros.masked_scatter(labelled, logps), zeros.masked_scatter(labelled, values)
+        values = zeros.masked_scatter(labelled, head(hidden.to(head.weight.dtype)).squeeze(-1).float())
+        return values if part == "value" else (logps, values)
 
     @torch.no_grad()
     def reference(self, input_ids, attention_mask, labels) -> torch.Tensor:
@@ -70,3 +75,15 @@ def add_value_function(model: nn.Module, weights: Weights, value_lora: LoraConfi
     nn.init.zeros_(model.value_head.weight), nn.init.zeros_(model.value_head.bias)
     weights.extra_modules["value_head"] = model.value_head
     return PolicyValue(model, VALUE_ADAPTER if value_lora is not None else None)
+
+
+def average_gradients(accelerator, module: nn.Module) -> None:
+    """Average the gradients of ``module``'s trainable parameters over the processes, in one all-reduce: for a step
+    whose backward passes all ran under ``accelerator.no_sync`` because each pass leaves some parameters unused
+    (DDP's own reduction leaves a parameter that no process used in the synced pass untouched)."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad for p in module.parameters() if p.requires_grad and p.grad is not None]
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), "mean")
+    for grad, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(averaged.view_as(grad))
