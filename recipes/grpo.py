@@ -101,14 +101,12 @@ class GRPOBatches:
     def __init__(self, cfg: GRPOConfig, logps_model: TokenLogprobs, tokenizer, rewards: Rewards, adapter: str | None):
         self.rollouts = Rollouts(logps_model.model, tokenizer, rewards, rollout_params(cfg), cfg.num_generations,
                                  dynamic_sampling=cfg.dynamic_sampling, max_refills=cfg.max_refills)
-        self.cfg, self.logps_model, self.adapter, self.names, self.generating = cfg, logps_model, adapter, [], 0.0
+        self.cfg, self.logps_model, self.adapter, self.names = cfg, logps_model, adapter, []
 
     @torch.no_grad()
     def __call__(self, prompts: list[dict], seeds: list[int], refill) -> dict:
         cfg, G = self.cfg, self.cfg.num_generations
         batch, metrics = self.rollouts(prompts, seeds, refill)
-        self.generating += metrics.pop("generate_s")  # the step's share is logged: see main
-        del metrics["rollout_s"]
         total, _ = batch.pop("rewards"), batch.pop("sampler_logps")  # fresh rollouts: the policy is the sampler
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
         if cfg.beta > 0:  # the start model (trainable adapter off): the KL term, or folded into RLOO's rewards
@@ -125,8 +123,7 @@ class GRPOBatches:
             batch["advantages"] = group_advantages(total, G, scale=cfg.scale_rewards)
         if cfg.num_iterations == 1:
             batch.pop("old_logps", None)  # the first pass's own log-probs serve (ratio 1), no extra forward kept
-        self.names = list(metrics)
-        batch["metrics"] = torch.tensor(list(metrics.values()), dtype=torch.float64)
+        self.names = self.rollouts.packed(batch, metrics)
         return batch
 
 

@@ -113,15 +113,13 @@ class PPOBatches:
     def __init__(self, cfg: PPOConfig, model: PolicyValue, tokenizer, rewards: Rewards, kl: AdaptiveKLController,
                  reduce):
         self.rollouts = Rollouts(model.model, tokenizer, rewards, rollout_params(cfg), 1)
-        self.cfg, self.model, self.kl, self.reduce, self.names, self.generating = cfg, model, kl, reduce, [], 0.0
+        self.cfg, self.model, self.kl, self.reduce, self.names = cfg, model, kl, reduce, []
 
     @torch.no_grad()
     def __call__(self, prompts: list[dict], seeds: list[int], refill=None) -> dict:
         cfg = self.cfg
         with self.model.policy_only():
             batch, metrics = self.rollouts(prompts, seeds)
-        self.generating += metrics.pop("generate_s")
-        del metrics["rollout_s"]
         batch.pop("sampler_logps")
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
         mask = batch["labels"][:, 1:] != IGNORE_INDEX
@@ -141,8 +139,7 @@ class PPOBatches:
         metrics.update(kl=(kl_sum / rows).item(), kl_coef=self.kl.value, score=scores.mean().item(),
                        non_score_reward=(rewards.sum() - scores.sum()).item() / len(scores))
         self.kl.update((kl_sum / rows).item(), int(rows))
-        self.names = list(metrics)
-        batch["metrics"] = torch.tensor(list(metrics.values()), dtype=torch.float64)
+        self.names = self.rollouts.packed(batch, metrics)
         return batch
 
 

@@ -106,14 +106,12 @@ class OnlineDPOBatches:
 
     def __init__(self, cfg: RLAIFConfig, model, tokenizer, rewards: Rewards):
         self.rollouts = Rollouts(model, tokenizer, rewards, rollout_params(cfg), cfg.num_generations)
-        self.cfg, self.names, self.generating = cfg, [], 0.0
+        self.cfg, self.names = cfg, []
 
     @torch.no_grad()
     def __call__(self, prompts: list[dict], seeds: list[int], refill=None) -> dict:
         k = self.cfg.num_generations
         batch, metrics = self.rollouts(prompts, seeds)
-        self.generating += metrics.pop("generate_s")
-        del metrics["rollout_s"]
         scores = batch["rewards"].view(-1, k)
         best, worst = scores.argmax(1), scores.argmin(1)
         pairs = []
@@ -134,8 +132,7 @@ class OnlineDPOBatches:
         rows, _ = pack_pairs(pairs, max(len(p["chosen_input_ids"]) + len(p["rejected_input_ids"]) for p in pairs))
         out = collate_flat(rows)
         out["pair_index"] = torch.arange(len(pairs))
-        self.names = list(metrics)
-        out["metrics"] = torch.tensor(list(metrics.values()), dtype=torch.float64)
+        self.names = self.rollouts.packed(out, metrics)
         return out
 
 

@@ -118,8 +118,7 @@ def worker_step(role: str, args: argparse.Namespace) -> dict:
         for step in range(steps):
             prompts = [{"input_ids": ids, "prompt": "", "fields": {}} for ids in prompt_ids(step)]
             batch = make(prompts, [step * PROMPTS + i for i in range(PROMPTS)], None)
-            gen_times.append(make.generating)
-            make.generating = 0.0
+            gen_times.append(make.rollouts.sampling_s - sum(gen_times))
             grpo.grpo_step(accelerator, prepared, cfg, [batch], make.names)
             accelerator.clip_grad_norm_(params, SFT_MAX_GRAD_NORM)
             optimizer.step()

@@ -93,8 +93,7 @@ def worker(role: str, args: argparse.Namespace) -> dict:
     for step in range(args.warmup + args.steps):
         prompts = [{"input_ids": p, "prompt": "", "fields": {}} for p in prompt_ids(step)]
         batch = make(prompts, [step * PROMPTS + i for i in range(PROMPTS)], None)
-        gen_times.append(make.generating)
-        make.generating = 0.0
+        gen_times.append(make.rollouts.sampling_s - sum(gen_times))
         update(batch, step + 1)
         accelerator.clip_grad_norm_(params, SFT_MAX_GRAD_NORM)
         optimizer.step()

@@ -130,6 +130,14 @@ class Rollouts:
                    "generate_s": generating, "rollout_s": time.perf_counter() - start}
         return batch, metrics
 
+    def packed(self, batch: dict, metrics: dict) -> list[str]:
+        """Put a batch's rollout ``metrics`` in ``batch["metrics"]`` as one float64 tensor (what the stage kit moves
+        with the batch) and return their names. The seconds are left out: the stage logs the step's share spent
+        sampling from :attr:`sampling_s`."""
+        kept = {k: v for k, v in metrics.items() if k not in ("generate_s", "rollout_s")}
+        batch["metrics"] = torch.tensor(list(kept.values()), dtype=torch.float64)
+        return list(kept)
+
     def _fill(self, scored: _Scored, groups: int, refill: Refill | None) -> tuple[_Scored, dict]:
         """Keep the informative groups; refill from further prompts; top up with dropped groups if still short."""
         G = self.G

@@ -221,6 +221,7 @@ class Stage:
         self.health = Health(self.accelerator, self.cfg.output_dir, self.params, self.state["warnings"])
         self.wrapper.train()
         self.clock = time.perf_counter()  # where the time of the step that generate_share divides starts
+        self.sampled = 0.0  # the rollouts' sampling seconds already counted in a generate_share
         for step in range(self.state["step"] + 1, self.total + 1):
             window = [{k: v.to(device) for k, v in self.batches.micro_batch(m).items()}
                       for m in range((step - 1) * accum, step * accum)]
@@ -233,15 +234,15 @@ class Stage:
 
     def update(self, loss: float, record: dict, *, units: float) -> None:
         """After the recipe's backward: check the loss, clip, step the optimizer and schedule, log
-        ``record`` (plus lr, ``<unit>_per_s``, epoch, grad_norm, and for batches made by an object counting its
-        ``generating`` seconds, ``generate_share``), evaluate, checkpoint, early stopping."""
+        ``record`` (plus lr, ``<unit>_per_s``, epoch, grad_norm, and for batches made with :class:`Rollouts`
+        (the maker's ``rollouts``), ``generate_share``), evaluate, checkpoint, early stopping."""
         cfg, state = self.cfg, self.state
         step = state["step"] + 1
-        make = getattr(self.batches, "make_batch", None)
-        if hasattr(make, "generating"):  # an online recipe's rollouts: the share of the step spent sampling
+        rollouts = getattr(getattr(self.batches, "make_batch", None), "rollouts", None)
+        if rollouts is not None:  # an online recipe: the share of the step spent sampling
             now = time.perf_counter()
-            record["generate_share"], make.generating = make.generating / (now - self.clock), 0.0
-            self.clock = now
+            record["generate_share"] = (rollouts.sampling_s - self.sampled) / (now - self.clock)
+            self.clock, self.sampled = now, rollouts.sampling_s
         self.health.check_loss(loss, step)
         grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
         self.health.check_gradient(grad_norm, step)
