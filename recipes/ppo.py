@@ -159,8 +159,8 @@ def ppo_step(accelerator, wrapper, cfg: PPOConfig, window: list[dict], step: int
     completion tokens of all of them on every process. With a value adapter the policy and value passes each get
     their own backward (only one pass's activations alive at a time) under ``no_sync``, and the step's gradients
     are averaged over processes once at the end (DDP's own reduction skips parameters a pass leaves unused)."""
-    parts = [{k: v if k == "metrics" else v[minibatch_rows(cfg, step, len(batch["input_ids"]))]
-              for k, v in batch.items()} for batch in window]
+    record = Rollouts.window_means(accelerator, window, names)
+    parts = [{k: v[minibatch_rows(cfg, step, len(batch["input_ids"]))] for k, v in batch.items()} for batch in window]
     masks = [b["labels"][:, 1:] != IGNORE_INDEX for b in parts]
     tokens = accelerator.reduce(torch.tensor(float(sum(int(m.sum()) for m in masks)), device=accelerator.device), "sum")
     stats = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
@@ -187,8 +187,6 @@ def ppo_step(accelerator, wrapper, cfg: PPOConfig, window: list[dict], step: int
     if two_passes:
         average_gradients(accelerator, wrapper)
     totals = accelerator.reduce(stats, "sum").tolist()
-    rollout = accelerator.reduce(torch.stack([b["metrics"] for b in window]).mean(0).to(accelerator.device), "mean")
-    record = dict(zip(names, rollout.tolist()))
     record.update(zip(("policy_loss", "value_loss", "clip_frac", "approx_kl", "value_clip_frac", "explained_variance",
                        "loss"), totals))
     return record

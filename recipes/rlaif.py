@@ -191,10 +191,9 @@ def main(cfg: RLAIFConfig) -> dict:
         if cfg.mode == "grpo":
             loss, record = grpo_step(accelerator, wrapper, cfg, window, make.names)
         else:
-            rollout = [b.pop("metrics") for b in window]
+            rollout = Rollouts.window_means(accelerator, window, make.names)
             record = dpo_step(accelerator, wrapper, reference, preference, window, per_step // cfg.num_generations)
-            means = accelerator.reduce(torch.stack(rollout).mean(0).to(accelerator.device), "mean").tolist()
-            record.update(zip(make.names, means))
+            record.update(rollout)
             loss = record["loss"]
         stage.update(loss, record, units=per_step)
     return stage.finish(data=data_report)

@@ -138,6 +138,13 @@ class Rollouts:
         batch["metrics"] = torch.tensor(list(kept.values()), dtype=torch.float64)
         return list(kept)
 
+    @staticmethod
+    def window_means(accelerator, window: list[dict], names: list[str]) -> dict[str, float]:
+        """The rollout metrics :meth:`packed` put in each micro-batch of ``window`` (taken out of the batches),
+        averaged over the micro-batches and the processes, by name."""
+        means = torch.stack([batch.pop("metrics") for batch in window]).mean(0).to(accelerator.device)
+        return dict(zip(names, accelerator.reduce(means, "mean").tolist()))
+
     def _fill(self, scored: _Scored, groups: int, refill: Refill | None) -> tuple[_Scored, dict]:
         """Keep the informative groups; refill from further prompts; top up with dropped groups if still short."""
         G = self.G
