@@ -1,9 +1,7 @@
 """RL from AI feedback: a judge model compares the policy's own samples, and the policy learns from its verdicts.
 
-    accelerate launch recipes/sft.py --dataset_name_or_path recipes/data/demo_judge.jsonl --num_train_epochs 20 \\
-        --learning_rate 1e-3 --validation_split 0 --answer_eval_dataset none --output_dir out/judge
-    accelerate launch recipes/rlaif.py --init_adapter out/sft_weak/adapter --judge_model_name_or_path tiny \\
-        --judge_adapter out/judge/adapter
+    accelerate launch recipes/rlaif.py --init_adapter out/sft_weak/adapter --judge_model_name_or_path smollm2 \\
+        --judge_adapter recipes/data/judge_smollm2     # the demo's judge (recipes/configs/judge_smollm2.yaml made it)
     accelerate launch recipes/rlaif.py ... --mode grpo                        # the judge's scores as GRPO's reward
     OPENAI_API_KEY=... accelerate launch recipes/rlaif.py ... --judge_api_base https://api.openai.com/v1 --judge_model gpt-4o-mini
 
@@ -47,7 +45,7 @@ MODES = ("online_dpo", "grpo")
 class RLAIFConfig(GRPOConfig):
     mode: str = field(default="online_dpo", metadata={"help": "online_dpo (best vs worst of each prompt) or grpo"})
     judge_model_name_or_path: str | None = field(default=None, metadata={"help": "a local judge: model directory, "
-                                                                               ".gguf file, hub id or 'tiny'"})
+                                                                               ".gguf file, hub id, 'tiny' or 'smollm2'"})
     judge_adapter: list[str] = field(default_factory=list, metadata={"help": "adapters folded into the local judge"})
     judge_api_base: str | None = field(default=None, metadata={"help": "an API judge: an OpenAI-compatible endpoint"})
     judge_model: str | None = field(default=None, metadata={"help": "the API judge's model name"})

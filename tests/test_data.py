@@ -377,6 +377,11 @@ def test_demo_eval_is_held_out():
     assert len(eval_sets) == 100
     for name in ("demo_sft", "demo_preference", "demo_kto", "demo_prompts", "demo_reasoning", "demo_judge"):
         assert not eval_sets & word_sets(DATA / f"{name}.jsonl"), name
+    # the held-out pairs a judge and a reward model are scored on: the eval prompts, right vs wrong answers
+    pairs = [json.loads(line) for line in (DATA / "demo_eval_pairs.jsonl").read_text().splitlines()]
+    evals = [json.loads(line) for line in (DATA / "demo_eval.jsonl").read_text().splitlines()]
+    assert [(p["prompt"], p["chosen"]) for p in pairs] == [(e["prompt"], e["answer"]) for e in evals]
+    assert all(p["rejected"] != p["chosen"] for p in pairs)
 
 
 def test_byte_order_marks_are_read_as_utf8(tmp_path):

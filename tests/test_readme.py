@@ -56,7 +56,8 @@ def free_port() -> int:
 
 
 def serve_once(argv: list[str], cwd: Path, env: dict) -> None:
-    """Start the server the README shows, on a free port, ask it for its models, and stop it."""
+    """Start the server the README shows, on a free port, ask it for its models (its named adapters among them),
+    and stop it."""
     port = free_port()
     argv = [str(port) if prev == "--port" else a for prev, a in zip([None, *argv], argv)]
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -66,7 +67,8 @@ def serve_once(argv: list[str], cwd: Path, env: dict) -> None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as reply:
                     models = {m["id"] for m in json.loads(reply.read())["data"]}
-                assert {"sft", "final"} <= models, models
+                named = {a.split("=")[0] for prev, a in zip(argv, argv[1:]) if prev == "--adapter"}
+                assert named and named <= models, models
                 return
             except OSError:
                 assert proc.poll() is None, proc.stdout.read()

@@ -22,10 +22,12 @@ from minift.data.read import Record
 from minift.export.gguf.convert import convert
 from minift.lora.adapters import load_adapter
 from minift.model.load import load_model_and_tokenizer, load_tokenizer
+from minift.train.rewards import load_reward
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 HEADS, KV_HEADS = 9, 3
+EVAL_PAIRS = RECIPES / "data" / "demo_eval_pairs.jsonl"
 MIXED = ("<|im_start|>user\nRéponds en un mot : 東京は日本の首都です。 Ünïcödé  tabs\t\tand   spaces 1234567 "
          "3.14159 x=y+z; don't you'll 🙂<|im_end|>\n<|im_start|>assistant\n")
 
@@ -172,6 +174,48 @@ def test_grpo_from_a_weak_start_raises_the_reward(smollm2_gguf, smollm2_sft, tmp
     assert 0.3 <= result["answer_accuracy_before"] <= 0.7, result
     assert result["answer_accuracy"] >= result["answer_accuracy_before"] + 0.05, result
     assert len(logged(tmp_path / "grpo", "reward")) == 16
+
+
+@pytest.fixture(scope="module")
+def smollm2_reward(smollm2_gguf, tmp_path_factory):
+    """A reward model on SmolLM2 (the real-model defaults: LoRA r16 / alpha 32, lr 1e-4, 8 pairs a step), 80 steps
+    on the demo pairs, scored on the held-out pairs of recipes/data/demo_eval_pairs.jsonl; ``(output_dir, result)``."""
+    rm = load_recipe("reward_model")
+    out = tmp_path_factory.mktemp("smollm2-rm")
+    with _ProcessState():
+        result = rm.main(rm.RewardConfig(
+            model_name_or_path=str(smollm2_gguf), output_dir=str(out), eval_dataset=str(EVAL_PAIRS),
+            validation_split=0.0, max_steps=80, learning_rate=1e-4, lora_r=16, lora_alpha=32.0, warmup_ratio=0.03,
+            per_device_train_batch_size=8, max_seq_length=128, logging_steps=10))
+    return out, result
+
+
+def test_a_reward_model_on_smollm2_ranks_held_out_pairs(smollm2_reward):
+    """>= 90% of the held-out pairs ranked right (measured: 46% before, 92% after 50 steps, 98-99% after 75-100);
+    the tiny model plateaus at 70-76%. Its merged directory, GRPO's and PPO's reward source, ranks them as training
+    measured: the training text is the scoring text."""
+    out, result = smollm2_reward
+    assert result["pair_accuracy_before"] <= 0.6 and result["pair_accuracy"] >= 0.9, result
+    pairs = [json.loads(line) for line in EVAL_PAIRS.read_text().splitlines()]
+    _, reward = load_reward(str(out / "merged"))
+    chosen = reward([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+    rejected = reward([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
+    assert sum(c > r for c, r in zip(chosen, rejected)) / len(pairs) == pytest.approx(result["pair_accuracy"],
+                                                                                       abs=1.5 / len(pairs))
+
+
+def test_the_smollm2_reward_model_scores_a_tiny_policy(smollm2_reward, weak_sft, tmp_path):
+    """The reward reads text: a GRPO run of the tiny policy (its own 1k-token vocabulary) takes the SmolLM2 reward
+    model (49k tokens) as its reward; the logged rewards are its scores (not exact match's 0 / 1), varied."""
+    grpo = load_recipe("grpo")
+    with _ProcessState():
+        grpo.main(grpo.GRPOConfig(init_adapter=str(weak_sft[0]), output_dir=str(tmp_path), max_steps=2,
+                                  reward=[str(smollm2_reward[0] / "merged")], per_device_train_batch_size=16,
+                                  num_generations=4, answer_eval_dataset=None, logging_steps=1))
+    scores = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rewards = [m["reward"] for m in scores if "reward" in m]
+    assert len(rewards) == 2 and all(math.isfinite(r) and r not in (0.0, 1.0) for r in rewards), rewards
+    assert any(m.get("reward_std", 0) > 0.05 for m in scores), scores
 
 
 CAPITAL = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]

@@ -70,8 +70,12 @@ ppo   ``python tools/bench.py ppo [--steps 3] [--warmup 1] [--reps 2] [--threads
       GRPO step on the GRPO case's rollouts (model A, 4 prompts x 8 completions of 128 tokens), each side in fresh
       processes: goals <= 1.5x the time and <= 1.2x the peak RSS growth with the value adapter; the shared value
       head as information; see ``tools/bench_ppo.py``.
+judge ``python tools/bench.py judge [--pairs 100] [--concurrency 8] [--threads 2]``
+      The demo's judge (SmolLM2 + recipes/data/judge_smollm2/) on the held-out pairs, both orders: pairs judged per
+      second in this process (LocalJudge) and through tools/serve.py (APIJudge), with each side's agreement with
+      the truth; no target; see ``tools/bench_judge.py``.
 pipeline ``python tools/bench.py pipeline [--reps 3] [--config recipes/configs/pipeline_chain.yaml]``
-      ``recipes/pipeline.py --dry_run`` on the seeds' chain (seven stages, the tiny model with junk weights), in
+      ``recipes/pipeline.py --dry_run`` on the seeds' chain (six stages, the tiny model with junk weights), in
       fresh processes: the plan after the imports (goal < 5 s, no weights file opened) and the whole command; see
       ``tools/bench_pipeline.py``.
 """
@@ -92,6 +96,7 @@ import bench_distill  # noqa: E402
 import bench_dpo  # noqa: E402
 import bench_gguf  # noqa: E402
 import bench_grpo  # noqa: E402
+import bench_judge  # noqa: E402
 import bench_lora  # noqa: E402
 import bench_pipeline  # noqa: E402
 import bench_ppo  # noqa: E402
@@ -103,7 +108,7 @@ import bench_sft  # noqa: E402
 # case name -> its module (tools/bench_<case>.py), with ``add_arguments(parser)`` and ``run(args) -> passed``
 CASES = {"lora": bench_lora, "data": bench_data, "sft": bench_sft, "dpo": bench_dpo, "gguf": bench_gguf,
          "serve": bench_serve, "grpo": bench_grpo, "distill": bench_distill,
-         "ppo": bench_ppo, "pipeline": bench_pipeline}
+         "ppo": bench_ppo, "judge": bench_judge, "pipeline": bench_pipeline}
 
 
 def machine_line() -> str:

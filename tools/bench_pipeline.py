@@ -1,4 +1,4 @@
-"""The pipeline's plan: ``recipes/pipeline.py --dry_run`` on the seeds' chain (seven stages on the tiny model).
+"""The pipeline's plan: ``recipes/pipeline.py --dry_run`` on the seeds' chain (six stages on the tiny model).
 
     python tools/bench.py pipeline [--reps 3] [--config recipes/configs/pipeline_chain.yaml]
 

@@ -20,6 +20,8 @@ minift/model/tiny_corpus.txt (the tiny model's tokenizer corpus). Files written:
                          a run does not memorize them).
 - demo_judge.jsonl      4000 {"prompt", "completion"} records that teach a judge: minift.train.judges' pairwise
                          question about a right and a wrong reversal (2000 pairs, both orders), answered A or B.
+- demo_eval_pairs.jsonl  100 held-out {"prompt", "chosen", "rejected"} pairs on the eval lists (a right and a
+                         wrong reversal): what a judge or a reward model is scored on.
 - demo_reasoning.jsonl  2000 {"prompt", "completion", "answer"} records whose completion works
                          the reversal out step by step, then ends with "Answer: ...".
 
@@ -205,7 +207,7 @@ def main() -> None:
     # One generator per purpose, so changing one file leaves the others byte-identical.
     eval_lists, pool = make_lists(random.Random(SEED), vocab)
     rngs = {name: random.Random(SEED + i)
-            for i, name in enumerate(["sft", "pref", "kto", "rl", "reason", "judge"], 1)}
+            for i, name in enumerate(["sft", "pref", "kto", "rl", "reason", "judge", "eval_pairs"], 1)}
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     write_jsonl("demo_sft.jsonl", make_sft(rngs["sft"], pool))
     write_jsonl("demo_eval.jsonl", [{"prompt": prompt(w), "answer": answer(w)} for w in eval_lists])
@@ -221,6 +223,8 @@ def main() -> None:
         [{"prompt": prompt(w), "completion": reasoning(w), "answer": answer(w)} for w in reason_lists],
     )
     write_jsonl("demo_judge.jsonl", make_judge(rngs["judge"], pool, vocab))
+    write_jsonl("demo_eval_pairs.jsonl", [{"prompt": prompt(w), "chosen": answer(w),
+                                           "rejected": wrong_answer(rngs["eval_pairs"], w, vocab)} for w in eval_lists])
 
 
 if __name__ == "__main__":

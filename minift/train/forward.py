@@ -129,6 +129,15 @@ class SequenceLogprobs(CausalLMLoss):
     def _chunk_logps(self, head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return -F.cross_entropy(self._logits(head, h), t, reduction="none")
 
+    @torch.no_grad()
+    def candidate_logps(self, batch: dict, token_ids: list[int]) -> torch.Tensor:
+        """``(N, C)`` float32: at each of the N labelled positions, the log-prob of each of the C candidate next
+        tokens (one forward scores every single-token reply to a prompt)."""
+        hidden, _ = self.labelled_hidden(batch)
+        ids = torch.tensor(token_ids, device=hidden.device)
+        return torch.cat([self._logits(self.output_head(), h).log_softmax(-1)[:, ids]
+                          for h in hidden.split(self.chunk_size)])
+
 
 class TokenLogprobs(SequenceLogprobs):
     """Wraps a causal LM so that one forward over padded rows returns per-token log-probs ``(B, T - 1)`` float32:

@@ -7,7 +7,8 @@ Both judges ask with a rubric and read the verdict's distribution over the allow
 - **rating** (``rate``): "1" .. "10"; the score is the expected value of the rating under that distribution.
 
 :class:`LocalJudge` is any causal LM: each reply's probability is that of its whole token sequence after the
-rendered question, renormalized over the replies (so "10" is not confused with "1"). :class:`APIJudge` is an
+rendered question, renormalized over the replies (so "10" is not confused with "1"); when every reply is one
+token, one forward per question reads them all. :class:`APIJudge` is an
 OpenAI-compatible endpoint (:class:`~minift.infer.client.ChatClient`, cached): it reads ``top_logprobs`` of
 the first reply token when the server returns them, else parses the reply text.
 """
@@ -84,14 +85,18 @@ class LocalJudge(_Judge):
     @torch.no_grad()
     def distribution(self, questions: list[str], replies: tuple[str, ...]) -> torch.Tensor:
         reply_ids = [self.tokenizer(r, add_special_tokens=False)["input_ids"] for r in replies]
+        single = all(len(r) == 1 for r in reply_ids)  # one row per question scores every reply at once
         rows = [{"input_ids": q + r, "labels": [IGNORE_INDEX] * len(q) + r}
-                for q in map(self._prompt_ids, questions) for r in reply_ids]
+                for q in map(self._prompt_ids, questions) for r in (reply_ids[:1] if single else reply_ids)]
         was_training = self.model.training
         self.model.eval()
         scores, device = [], next(self.model.parameters()).device
         for at in range(0, len(rows), self.batch_size):
             batch = collate_padded(rows[at: at + self.batch_size], self.tokenizer.pad_token_id)
-            scores.append(self.logps(**{k: v.to(device) for k, v in batch.items()}).sum(-1).double().cpu())
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logps = (self.logps.candidate_logps(batch, [r[0] for r in reply_ids]) if single else
+                     self.logps(**batch).sum(-1))
+            scores.append(logps.double().cpu())
         self.model.train(was_training)
         return torch.cat(scores).view(len(questions), len(replies)).softmax(-1)
 
@@ -130,6 +135,14 @@ def _reply_distribution(answer: dict, replies: tuple[str, ...]) -> torch.Tensor:
         raise ValueError(f"the judge replied {text[:80]!r}, which is none of {', '.join(replies)}; adjust the rubric "
                          f"or use a judge that follows the reply format")
     return torch.tensor([float(r == word) for r in replies], dtype=torch.float64)
+
+
+def pair_accuracy(judge: _Judge, pairs: list[dict]) -> tuple[float, list[float]]:
+    """How often ``judge`` prefers ``chosen`` to ``rejected`` in ``{"prompt", "chosen", "rejected"}`` records
+    (asked in both orders; a pair counts when ``P(chosen is better) > 0.5``), and that probability per pair."""
+    p_chosen = judge.compare([p["prompt"] for p in pairs], [p["chosen"] for p in pairs],
+                             [p["rejected"] for p in pairs])
+    return sum(p > 0.5 for p in p_chosen) / len(pairs), p_chosen
 
 
 class JudgeReward:
