@@ -55,7 +55,7 @@ def test_the_served_judge_gives_the_same_verdicts(judged):
     proc, url = start_server("smollm2", "--adapter", f"judge={JUDGE}")
     try:
         judge = APIJudge(ChatClient(url, "judge", api_key_env=None, timeout=120, max_retries=0))
-        accuracy, p_chosen = pair_accuracy(judge, PAIRS[:30])
+        _, p_chosen = pair_accuracy(judge, PAIRS[:30])
     finally:
         proc.kill()
         proc.wait(timeout=30)
@@ -70,8 +70,8 @@ def test_the_committed_command_writes_an_adapter_like_the_shipped_one(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     fresh, shipped = tmp_path / "judge" / "adapter", JUDGE
     keys = ("r", "lora_alpha", "target_modules", "base_model_name_or_path")
-    configs = [json.loads((d / "adapter_config.json").read_text()) for d in (fresh, shipped)]
-    assert [{k: c[k] for k in keys} for c in configs][0] == {k: configs[1][k] for k in keys}
+    settings = [{k: json.loads((d / "adapter_config.json").read_text())[k] for k in keys} for d in (fresh, shipped)]
+    assert settings[0] == settings[1]
 
     def shapes(d):
         with safe_open(str(d / "adapter_model.safetensors"), "pt") as f:
