@@ -161,7 +161,7 @@ def main(cfg: DPOConfig) -> dict:
         if accelerator.is_main_process:
             before.update(greedy_pair_metrics(cfg, model, tokenizer, pairs["eval"], "_before"))
 
-    pairs_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+    pairs_per_step = stage.rows_per_step
     for window in stage.steps():
         record = dpo_step(accelerator, logps_model, reference, loss, window, pairs_per_step)
         stage.update(record["loss"], record, units=pairs_per_step)

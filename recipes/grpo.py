@@ -172,7 +172,7 @@ def main(cfg: GRPOConfig) -> dict:
     batches = stage.online_batches(prompts, make)
     logps_model = stage.prepare(logps_model, batches)
     stage.resume()
-    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    per_step = stage.rows_per_step
     for window in stage.steps():  # (the window's rollouts are made as stage.steps() yields it)
         loss, record = grpo_step(accelerator, logps_model, cfg, window, make.names)
         stage.update(loss, record, units=per_step)

@@ -164,7 +164,7 @@ def main(cfg: KTOConfig) -> dict:
         reference.precompute(accelerator, chunks, collate, Path(cfg.output_dir) / "reference_logps.safetensors", key)
     stage.resume()
 
-    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+    per_step = stage.rows_per_step
     for window in stage.steps():
         record = kto_step(accelerator, logps_model, reference, cfg, window, per_step)
         stage.update(record["loss"], record, units=per_step)

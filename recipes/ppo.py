@@ -209,11 +209,10 @@ def main(cfg: PPOConfig) -> dict:
     wrapper = stage.prepare(policy_value, batches)
     stage.resume()
     kl.value = stage.state.setdefault("kl_coef", kl.value)  # a resumed run goes on with the saved coefficient
-    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
     for window in stage.steps():  # (the window's rollouts are made as stage.steps() yields it)
         record = ppo_step(accelerator, wrapper, cfg, window, stage.state["step"] + 1, make.names)
         stage.state["kl_coef"] = kl.value
-        stage.update(record["loss"], record, units=per_step / cfg.updates)
+        stage.update(record["loss"], record, units=stage.rows_per_step / cfg.updates)
     with policy_value.policy_only():  # the final greedy evaluation is the policy's
         return stage.finish(data=data_report)
 

@@ -136,7 +136,7 @@ def main(cfg: RewardConfig) -> dict:
     scorer = stage.prepare(scorer, batches, evaluate=evaluate if pairs["eval"] else None)
     if stage.resume() == 0 and pairs["eval"]:
         stage.state["before"]["pair_accuracy_before"] = evaluate(scorer)["eval_accuracy"]
-    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+    per_step = stage.rows_per_step
     for window in stage.steps():
         sums = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
         for i, batch in enumerate(window):

@@ -183,8 +183,7 @@ def main(cfg: RLAIFConfig) -> dict:
                                    stage.adapter_name)) if held_out else None
     wrapper = stage.prepare(logps_model, batches, evaluate=evaluate)
     stage.resume()
-    world = accelerator.num_processes
-    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+    per_step = stage.rows_per_step
     for window in stage.steps():
         if cfg.mode == "grpo":
             loss, record = grpo_step(accelerator, wrapper, cfg, window, make.names)

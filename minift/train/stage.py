@@ -211,6 +211,12 @@ class Stage:
 
     # ------------------------------------------------------------------ the loop
 
+    @property
+    def rows_per_step(self) -> int:
+        """Rows (examples, pairs, prompts or completions) per optimizer step over all processes."""
+        cfg = self.cfg
+        return cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * self.accelerator.num_processes
+
     def steps(self):
         """Yield each remaining optimizer step's window: its ``gradient_accumulation_steps`` micro-batches,
         on the device. The recipe calls :meth:`update` once per window; early stopping ends the loop."""
