@@ -31,6 +31,7 @@ from minift.data.packing import collate_flat, collate_padded, pack_examples
 from minift.model.vocab import shared_vocabulary
 from minift.train.forward import CausalLMLoss, DistillLoss
 from minift.train.sampling import SamplingParams, row_seed, sample
+from minift.train.sharding import gathered
 from minift.train.stage import Stage, run_recipe
 from minift.train.teacher import (
     Teacher,
@@ -105,7 +106,8 @@ class OnPolicyBatches:
         picked = [k for k, yes in enumerate(own) if yes]
         params = [SamplingParams(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, seed=seeds[k])
                   for k in picked]
-        sampled = sample(self.model, self.tokenizer, [prompt_of(rows[k]) for k in picked], params) if picked else []
+        with gathered(self.model):  # every process, even one with nothing to sample (FSDP: a collective)
+            sampled = sample(self.model, self.tokenizer, [prompt_of(rows[k]) for k in picked], params) if picked else []
         examples = [dict(row) for row in rows]
         for k, c in zip(picked, sampled):
             examples[k] = with_completion(prompt_of(rows[k]), c.token_ids)
@@ -178,10 +180,11 @@ def main(cfg: DistillConfig) -> dict:
         return {"eval_loss": (sums[0] / sums[2]).item(), "eval_kl": (sums[1] / sums[2]).item()}
 
     wrapper = stage.prepare(CausalLMLoss(model) if cfg.mode == "sequence" else distill, batches,
-                            evaluate=evaluate if eval_batches else None)
+                            evaluate=evaluate if rows["eval"] else None)  # a process may have no eval batch
     if stage.resume() == 0:
-        if eval_batches:
-            stage.state["before"]["eval_kl_before"] = evaluate()["eval_kl"]
+        if rows["eval"]:
+            with stage.gathered():
+                stage.state["before"]["eval_kl_before"] = evaluate()["eval_kl"]
         if teacher_model is not None and accelerator.is_main_process:
             stage.state["before"].update({f"teacher_{k}": v for k, v in stage.answer_metrics(teacher_model).items()})
     for window in stage.steps():

@@ -142,24 +142,27 @@ def main(cfg: DPOConfig) -> dict:
     eval_pairs = [pairs["eval"][i: i + chunk] for i in range(0, len(pairs["eval"]), chunk)]
     eval_batches = [collate(b) for b in eval_pairs[accelerator.process_index::world]]
     evaluate = partial(evaluate_pairs, accelerator, logps_model, reference, loss, eval_batches)
-    logps_model = stage.prepare(logps_model, batches, evaluate=(lambda _: evaluate()) if eval_batches else None)
+    # Every process evaluates (the sums are reduced), even one without a batch of its own.
+    logps_model = stage.prepare(logps_model, batches, evaluate=(lambda _: evaluate()) if eval_pairs else None)
     if not loss.reference_free and (cfg.precompute_ref_log_probs or cfg.lora_r == 0):
         # Before any checkpoint is loaded: the reference is the start model. A full fine-tune has no
         # adapter to switch off, so it always precomputes.
         train_pairs = [pairs["train"][i: i + chunk] for i in range(0, len(pairs["train"]), chunk)]
         key = reference_key(pairs, model=cfg.model_name_or_path, init_adapter=cfg.init_adapter, dtype=cfg.dtype,
                             mixed_precision=accelerator.mixed_precision, max_seq_length=cfg.max_seq_length)
-        reference.precompute(accelerator, {"train": train_pairs, "eval": eval_pairs}, collate,
-                             Path(cfg.output_dir) / "reference_logps.safetensors", key)
-    if stage.resume() == 0 and eval_batches:
+        with stage.gathered():  # each process forwards its own share (under FSDP, with the model whole)
+            reference.precompute(accelerator, {"train": train_pairs, "eval": eval_pairs}, collate,
+                                 Path(cfg.output_dir) / "reference_logps.safetensors", key)
+    if stage.resume() == 0 and eval_pairs:
         # How the models rank the held-out pairs before training: the start model, and the bare base.
         before = stage.state["before"]
-        before["preference_accuracy_before"] = evaluate()["eval_logps/accuracies"]
-        if cfg.lora_r > 0:
-            with disable_adapters(model):
-                before["preference_accuracy_base"] = evaluate()["eval_logps/accuracies"]
-        if accelerator.is_main_process:
-            before.update(greedy_pair_metrics(cfg, model, tokenizer, pairs["eval"], "_before"))
+        with stage.gathered():
+            before["preference_accuracy_before"] = evaluate()["eval_logps/accuracies"]
+            if cfg.lora_r > 0:
+                with disable_adapters(model):
+                    before["preference_accuracy_base"] = evaluate()["eval_logps/accuracies"]
+            if accelerator.is_main_process:
+                before.update(greedy_pair_metrics(cfg, model, tokenizer, pairs["eval"], "_before"))
 
     pairs_per_step = stage.rows_per_step
     for window in stage.steps():

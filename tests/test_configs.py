@@ -25,6 +25,7 @@ def test_sft_example_config_parses(monkeypatch):
 
 
 @pytest.mark.parametrize("name,kind", [("accelerate_ddp.yaml", "MULTI_GPU"), ("accelerate_fsdp.yaml", "FSDP"),
+                                       ("accelerate_fsdp_cpu.yaml", "FSDP"),
                                        ("accelerate_zero2.yaml", "DEEPSPEED"), ("accelerate_zero3.yaml", "DEEPSPEED")])
 def test_accelerate_configs_are_well_formed(name, kind):
     text = (CONFIGS / name).read_text()

@@ -90,7 +90,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) ->
             state[f"{PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]
     for path, wrapper in saved_modules(model):
         if adapter_name in wrapper.modules_to_save:
-            for key, value in wrapper.modules_to_save[adapter_name].state_dict().items():
+            # its tensors as they are now, not state_dict(): under FSDP that would swap in the shards
+            copy = wrapper.modules_to_save[adapter_name]
+            for key, value in [*copy.named_parameters(), *copy.named_buffers()]:
                 state[f"{PREFIX}{path}.{key}"] = value
     if not state:
         raise ValueError(f"the model has no adapter named {adapter_name!r}; it has {list(adapter_configs(model))}")

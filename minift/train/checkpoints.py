@@ -21,6 +21,13 @@ from minift.lora.adapters import atomic_directory, load_adapter, save_adapter
 from minift.lora.layers import set_trainable
 from minift.model.files import set_usual_modes
 from minift.model.from_gguf import file_sha256
+from minift.train.sharding import (
+    gathered,
+    is_sharded,
+    load_optimizer_state,
+    optimizer_state,
+    whole_state_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,25 +61,34 @@ def save_checkpoint(accelerator, output_dir: str | Path, weights: "Weights", opt
     from accelerate.utils import gather_object
 
     rng_states = gather_object([_rng_state()])
+    optimizer_dict = optimizer_state(weights.model, optimizer)  # every process: gathered whole when sharded
     path = Path(output_dir) / f"checkpoint-{state['step']}"
-    if accelerator.is_main_process:
-        try:
-            with atomic_directory(path) as tmp:
-                weights.save(tmp)
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-                torch.save(rng_states, tmp / "rng.pt")
-                (tmp / "trainer_state.json").write_text(json.dumps({**state, "checkpoint": str(path)}, indent=2))
-                write_manifest(tmp)
-        except (OSError, RuntimeError) as err:  # a full disk: OSError, or torch.save's RuntimeError around it
-            previous = last_good_checkpoint(output_dir)
-            kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-            raise CheckpointError(f"could not write checkpoint {path}: {getattr(err, 'strerror', None) or err}; "
-                                  f"{kept}. Free space (or pick another output_dir) and resume with "
-                                  f"--resume_from_checkpoint auto") from err
-        prune_checkpoints(Path(output_dir), save_total_limit, keep=[path, state.get("best_checkpoint")])
+    with gathered(weights.model):
+        if accelerator.is_main_process:
+            write_checkpoint(path, output_dir, weights, optimizer_dict, scheduler, rng_states, state,
+                             save_total_limit=save_total_limit)
     accelerator.wait_for_everyone()
     return path
+
+
+def write_checkpoint(path: Path, output_dir, weights: "Weights", optimizer_dict: dict, scheduler, rng_states: list,
+                     state: dict, *, save_total_limit: int) -> None:
+    """The main process's part of :func:`save_checkpoint`: the files, then the pruning."""
+    try:
+        with atomic_directory(path) as tmp:
+            weights.save(tmp)
+            torch.save(optimizer_dict, tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rng_states, tmp / "rng.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps({**state, "checkpoint": str(path)}, indent=2))
+            write_manifest(tmp)
+    except (OSError, RuntimeError) as err:  # a full disk: OSError, or torch.save's RuntimeError around it
+        previous = last_good_checkpoint(output_dir)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint {path}: {getattr(err, 'strerror', None) or err}; "
+                              f"{kept}. Free space (or pick another output_dir) and resume with "
+                              f"--resume_from_checkpoint auto") from err
+    prune_checkpoints(Path(output_dir), save_total_limit, keep=[path, state.get("best_checkpoint")])
 
 
 class Weights:
@@ -89,8 +105,9 @@ class Weights:
 
     def save(self, out_dir: Path) -> Path:
         """Everything trained, into ``out_dir``; returns the main part's directory."""
-        if self.full:
-            self.model.save_pretrained(out_dir / "model")
+        if self.full:  # a sharded model's weights are read inside gathered(): its state_dict() gives shards
+            whole = whole_state_dict(self.model) if is_sharded(self.model) else None
+            self.model.save_pretrained(out_dir / "model", state_dict=whole)
         else:
             save_adapter(self.model, out_dir / "adapter", adapter_name=DEFAULT_ADAPTER, base_model_name_or_path=self.base_model,
                          parents=self.parents)
@@ -243,10 +260,10 @@ def check_same_run(path: Path, settings: dict) -> None:
                           f"or another --output_dir")
 
 
-def load_checkpoint(path: Path, accelerator, weights: Weights, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and this process's RNG; return the trainer state."""
-    weights.load(path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+def load_checkpoint(path: Path, accelerator, model: nn.Module, optimizer, scheduler) -> dict:
+    """Restore the optimizer (of ``model``'s weights, which :meth:`Weights.load` restored before any sharding),
+    scheduler and this process's RNG; return the trainer state."""
+    load_optimizer_state(model, optimizer, torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
     _set_rng_state(rng[accelerator.process_index])

@@ -11,6 +11,7 @@ from collections import deque
 import torch
 
 from minift.train.checkpoints import last_good_checkpoint
+from minift.train.sharding import local_view
 
 logger = logging.getLogger(__name__)
 FLOAT16_MAX = 65504.0  # beyond it a weight cannot be exported at half precision: no trained model gets there
@@ -67,7 +68,8 @@ class Health:
     def check_weights(self, step: int) -> bool:
         """Stop on a non-finite trainable weight; True when every weight is within float16's range. Every process
         calls it at the same step (the largest weight is gathered)."""
-        local = torch.stack([p.detach().abs().max().float() for p in self.params if p.numel()] or
+        shards = [local_view(p) for p in self.params]  # a sharded model's: this process's part
+        local = torch.stack([p.detach().abs().max().float() for p in shards if p.numel()] or
                             [torch.zeros((), device=self.accelerator.device)]).max()
         largest = float(self.accelerator.gather(local.reshape(1).to(self.accelerator.device)).max())
         if not math.isfinite(largest):

@@ -22,6 +22,7 @@ from minift.losses import informative_groups
 from minift.sections import RolloutSection
 from minift.train.rewards import Rewards
 from minift.train.sampling import Completion, SamplingParams, sample
+from minift.train.sharding import gathered
 
 # refill(attempt) -> (prompts, seeds) of the attempt-th further draw (attempt = 1, 2, ...)
 Refill = Callable[[int], tuple[list[dict], list[int]]]
@@ -109,10 +110,11 @@ class Rollouts:
     @torch.no_grad()
     def __call__(self, prompts: list[dict], seeds: list[int], refill: Refill | None = None) -> tuple[dict, dict]:
         start, sampled_before = time.perf_counter(), self.sampling_s
-        scored = self.draw(prompts, seeds)
-        extra = {}
-        if self.dynamic_sampling:
-            scored, extra = self._fill(scored, len(prompts), refill)
+        with gathered(self.model):  # under FSDP each process samples alone, with the model whole
+            scored = self.draw(prompts, seeds)
+            extra = {}
+            if self.dynamic_sampling:
+                scored, extra = self._fill(scored, len(prompts), refill)
         generating = self.sampling_s - sampled_before
         completions = scored.completions
         batch = collate_padded([{"input_ids": c.prompt_ids + c.token_ids,

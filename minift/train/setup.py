@@ -19,6 +19,7 @@ from minift.lora.layers import apply_lora, check_ranks, merge_lora, unwrap_lora
 from minift.model.attention import use_document_attention
 from minift.model.load import load_model
 from minift.sections import TrainConfig
+from minift.train.sharding import check_cpu_launch
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,11 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    cpu = cpu_process_group()
+    if cpu:  # before Accelerate reads the FSDP settings (it refuses some on CPU with a traceback)
+        check_cpu_launch(cfg)
     accelerator = Accelerator(
-        cpu=cpu_process_group(),
+        cpu=cpu,
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=cfg.output_dir,

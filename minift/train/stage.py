@@ -70,6 +70,7 @@ from minift.train.setup import (
     make_optimizer,
     make_scheduler,
 )
+from minift.train.sharding import gathered, needs_own_sharding, register, shard
 
 logger = logging.getLogger(__name__)
 RUN_OUTPUTS = ("metrics.jsonl", "run.json", "loss.png", "adapter", "model", "merged")
@@ -186,8 +187,15 @@ class Stage:
         (:class:`~minift.train.batches.ShardedBatches`, :class:`~minift.train.batches.OnlineBatches`). ``evaluate(wrapper)``
         returns metrics with ``eval_loss``; it runs every ``eval_steps`` and at the end."""
         cfg = self.cfg
-        optimizer = make_optimizer(cfg, self.model)
-        self.wrapper, self.optimizer = self.accelerator.prepare(wrapper, optimizer)
+        if self.checkpoint:  # into whole tensors, before any sharding
+            self.weights.load(self.checkpoint)
+        if needs_own_sharding(self.accelerator):
+            shard(self.model, wrapper, mixed_precision=self.accelerator.mixed_precision)
+            self.wrapper, self.optimizer = wrapper, self.accelerator.prepare(make_optimizer(cfg, self.model))
+        else:
+            self.wrapper, self.optimizer = self.accelerator.prepare(wrapper, make_optimizer(cfg, self.model))
+            if self.accelerator.is_fsdp2:  # GPUs: Accelerate sharded it (untested here: no GPU)
+                register(self.model, self.wrapper)
         self.batches, self.evaluate = batches, evaluate
         self.total = total_steps(cfg, batches.per_epoch)
         self.scheduler = make_scheduler(cfg, self.optimizer, self.total)
@@ -199,11 +207,13 @@ class Stage:
         metrics log and trackers. Returns the step training continues from (0: a fresh run)."""
         cfg, checkpoint = self.cfg, self.checkpoint
         if checkpoint:
-            self.state = {"before": {}, "warnings": [], **load_checkpoint(checkpoint, self.accelerator, self.weights, self.optimizer,
-                                                          self.scheduler)}
+            self.state = {"before": {}, "warnings": [],
+                          **load_checkpoint(checkpoint, self.accelerator, self.model, self.optimizer, self.scheduler)}
             logger.info("resumed from %s at step %d", checkpoint, self.state["step"])
-        elif self.accelerator.is_main_process:
-            self.state["before"].update(self.answer_metrics(suffix="_before"))
+        else:
+            with self.gathered():
+                if self.accelerator.is_main_process:
+                    self.state["before"].update(self.answer_metrics(suffix="_before"))
         self.metrics = MetricsLog(self.accelerator, cfg.output_dir, resume_step=self.state["step"])
         if cfg.report_to != "none":
             start_trackers(self.accelerator, cfg, f"minift-{self.name}")
@@ -251,6 +261,8 @@ class Stage:
             self.clock, self.sampled = now, rollouts.sampling_s
         self.health.check_loss(loss, step)
         grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        if hasattr(grad_norm, "full_tensor"):  # a sharded model's
+            grad_norm = grad_norm.full_tensor()
         self.health.check_gradient(grad_norm, step)
         self.optimizer.step()
         self.scheduler.step()
@@ -269,7 +281,8 @@ class Stage:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{logged['lr']:.2e}")
         improved = False
         if self.evaluate and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == self.total):
-            self.eval_result = self.evaluate(self.wrapper)
+            with self.gathered():
+                self.eval_result = self.evaluate(self.wrapper)
             self.metrics.log(self.eval_result, step)
             best = state["best_eval_loss"]
             improved = best is None or self.eval_result["eval_loss"] < best
@@ -297,13 +310,15 @@ class Stage:
         cfg = self.cfg
         result = {"step": self.state["step"], "train_loss": self.last_record.get("loss"), **self.eval_result,
                   **self.state["before"]}
+        with self.gathered():  # the weights whole where they are saved and measured
+            if self.accelerator.is_main_process:
+                saved = self.weights.save(self.out)
+                if self.weights.full:  # a full fine-tune is a whole model directory: keep its tokenizer with it
+                    self.tokenizer.save_pretrained(saved)
+                result.update(self.answer_metrics())
+                if after:
+                    result.update(after(result))
         if self.accelerator.is_main_process:
-            saved = self.weights.save(self.out)
-            if self.weights.full:  # a full fine-tune is a whole model directory: keep its tokenizer with it
-                self.tokenizer.save_pretrained(saved)
-            result.update(self.answer_metrics())
-            if after:
-                result.update(after(result))
             chain = self.weights.parents
             merged = merge_and_save(cfg.model_name_or_path, chain + [str(saved)], self.out / "merged") \
                 if cfg.merge_output and not self.weights.full else None
@@ -325,6 +340,11 @@ class Stage:
             self.lock.release()
         end_stage(self.accelerator)
         return result
+
+    def gathered(self):
+        """A block where the trained model is whole on every process (see :func:`~minift.train.sharding.gathered`;
+        nothing happens unless FSDP shards it). Every process must enter it."""
+        return gathered(self.model)
 
     def summary(self, result: dict, saved: Path, merged, run: Path, seconds: float) -> str:
         shown = {k: v for k, v in result.items() if isinstance(v, float) and (
