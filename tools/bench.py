@@ -78,6 +78,10 @@ pipeline ``python tools/bench.py pipeline [--reps 3] [--config recipes/configs/p
       ``recipes/pipeline.py --dry_run`` on the seeds' chain (six stages, the tiny model with junk weights), in
       fresh processes: the plan after the imports (goal < 5 s, no weights file opened) and the whole command; see
       ``tools/bench_pipeline.py``.
+shard ``python tools/bench.py shard [--steps 3] [--seq 128]``
+      A full fine-tune of SmolLM2 on 2 CPU processes, launched with DDP and with FSDP
+      (recipes/configs/accelerate_fsdp_cpu.yaml): peak RSS per process and its growth over a process holding the
+      loaded model (goal: FSDP <= 0.6x DDP's growth); see ``tools/bench_shard.py``.
 """
 
 from __future__ import annotations
@@ -102,13 +106,14 @@ import bench_pipeline  # noqa: E402
 import bench_ppo  # noqa: E402
 import bench_serve  # noqa: E402
 import bench_sft  # noqa: E402
+import bench_shard  # noqa: E402
 
 # ----------------------------------------------------------------------------- driver
 
 # case name -> its module (tools/bench_<case>.py), with ``add_arguments(parser)`` and ``run(args) -> passed``
 CASES = {"lora": bench_lora, "data": bench_data, "sft": bench_sft, "dpo": bench_dpo, "gguf": bench_gguf,
          "serve": bench_serve, "grpo": bench_grpo, "distill": bench_distill,
-         "ppo": bench_ppo, "judge": bench_judge, "pipeline": bench_pipeline}
+         "ppo": bench_ppo, "judge": bench_judge, "pipeline": bench_pipeline, "shard": bench_shard}
 
 
 def machine_line() -> str:

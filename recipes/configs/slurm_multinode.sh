@@ -1,11 +1,14 @@
 #!/bin/bash
 # sbatch recipes/configs/slurm_multinode.sh
-# Multi-node training with SLURM: one `accelerate launch` per node, all joining one process group. Untested here
-# (the project's machines have one node and no GPU); the variables are the standard ones of torch.distributed.
+# Multi-node training with SLURM: one `accelerate launch` per node, all joining one process group. Rehearsed on
+# one CPU machine by tests/test_multinode.py (a stand-in srun starts each node's launcher locally; GPUS_PER_NODE=1
+# MIXED_PRECISION=no); not run on a real cluster here. The variables are the standard ones of torch.distributed.
 #
 #   MAIN_PROCESS_IP / MAIN_PROCESS_PORT: where rank 0 listens; every node connects there (the rendezvous).
 #   NUM_MACHINES / MACHINE_RANK: how many nodes, and which one this is (0 hosts the main process).
 #   NUM_PROCESSES: all processes of all nodes (nodes x GPUs per node); each node starts its share.
+# Settable from the environment: GPUS_PER_NODE (keep --gpus-per-node equal), MIXED_PRECISION, MAIN_PROCESS_PORT,
+# RECIPE and ARGS (the recipe and its arguments).
 #SBATCH --job-name=minift
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1          # one launcher per node; it starts one process per GPU
@@ -14,9 +17,10 @@
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 
-GPUS_PER_NODE=8
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+MIXED_PRECISION=${MIXED_PRECISION:-bf16}
 MAIN_PROCESS_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-MAIN_PROCESS_PORT=29500
+MAIN_PROCESS_PORT=${MAIN_PROCESS_PORT:-29500}
 RECIPE=${RECIPE:-recipes/pipeline.py}
 ARGS=${ARGS:---config recipes/configs/pipeline_sft_dpo.yaml}
 
@@ -29,5 +33,5 @@ srun bash -c "accelerate launch \
   --main_process_ip $MAIN_PROCESS_IP \
   --main_process_port $MAIN_PROCESS_PORT \
   --rdzv_backend c10d \
-  --mixed_precision bf16 \
+  --mixed_precision $MIXED_PRECISION \
   $RECIPE $ARGS"
