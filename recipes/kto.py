@@ -157,7 +157,8 @@ def main(cfg: KTOConfig) -> dict:
     logps_model = SequenceLogprobs(model)
     reference = Reference(logps_model, stage.adapter_name)
     evaluate = partial(evaluate_kto, accelerator, logps_model, reference, cfg, eval_batches)
-    logps_model = stage.prepare(logps_model, batches, evaluate=(lambda _: evaluate()) if eval_batches else None)
+    # Every process evaluates (its results are gathered), even one without a batch of its own.
+    logps_model = stage.prepare(logps_model, batches, evaluate=(lambda _: evaluate()) if chunks["eval"] else None)
     if cfg.precompute_ref_log_probs or cfg.lora_r == 0:  # before any checkpoint loads: the start model
         key = reference_key(examples, model=cfg.model_name_or_path, init_adapter=cfg.init_adapter, dtype=cfg.dtype,
                             mixed_precision=accelerator.mixed_precision, max_seq_length=cfg.max_seq_length)

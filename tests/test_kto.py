@@ -89,3 +89,19 @@ def test_kto_resume_after_sigkill_equals_uninterrupted_run(tmp_path, tiny_dir):
     losses = logged(killed)
     assert sorted(losses) == list(range(1, 11))
     assert all(losses[s] == pytest.approx(logged(whole)[s], abs=1e-6) for s in losses)
+
+
+@pytest.mark.slow
+def test_two_processes_with_one_eval_batch_both_evaluate(tmp_path, tiny_dir):
+    """12 held-out examples in one eval batch: the second process has none of its own and still joins the
+    evaluation's gathers (it used to skip it, and the first process waited for it forever)."""
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(DEMO.read_text().splitlines(keepends=True)[:48]))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(KTO), "--dataset_name_or_path", str(data), "--max_seq_length", "64",
+                           "--validation_split", "0.25", "--per_device_eval_batch_size", "64", "--answer_eval_dataset",
+                           "none", "--max_steps", "2", "--per_device_train_batch_size", "2", "--output_dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 0 <= logged(out, "eval_ranking")[2] <= 1
