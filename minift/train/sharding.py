@@ -74,7 +74,8 @@ def check_cpu_launch(cfg) -> None:
 
 def shard(model: nn.Module, root: nn.Module, *, mixed_precision: str) -> None:
     """``fully_shard`` every transformer block of ``model``, then ``root`` (a module holding ``model``, whose
-    forward is the training step's; its parameters outside ``model`` are left alone). bf16 mixed precision: bf16 compute, fp32 weights and gradient reduction."""
+    forward is the training step's; its parameters outside ``model`` are left alone). bf16 mixed precision: bf16
+    compute, fp32 weights and gradient reduction."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     named = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
@@ -114,7 +115,7 @@ def return_freed_memory() -> None:
     """Have glibc give large freed buffers back to the system at once. FSDP gathers each block's weights and frees
     them at every forward and backward; glibc's adaptive threshold would soon serve such buffers from its heap,
     which keeps what is freed: measured on a SmolLM2 full fine-tune, the peak growth per process fell from 0.88x
-    DDP's to 0.48x with a fixed 128 KiB threshold (the same as ``MALLOC_MMAP_THRESHOLD_=131072``)."""
+    DDP's to 0.46x with a fixed 128 KiB threshold (the same as ``MALLOC_MMAP_THRESHOLD_=131072``)."""
     import ctypes
     import ctypes.util
 
