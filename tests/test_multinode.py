@@ -66,11 +66,12 @@ def test_slurm_script_on_two_stand_in_nodes_equals_one_machine_with_two_processe
            "MIXED_PRECISION": "no", "MAIN_PROCESS_PORT": str(free_port()), "RECIPE": "recipes/sft.py",
            "ARGS": f"{args} --output_dir {tmp_path / 'nodes'}"}
     proc = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    node_logs = "\n".join((logs / f"node-{n}.log").read_text()[-2000:] for n in (0, 1) if (logs / f"node-{n}.log").exists())
+    node_logs = "\n".join(log.read_text()[-2000:] for log in sorted(logs.glob("node-*.log")))
     assert proc.returncode == 0, proc.stderr[-2000:] + node_logs
     for node in (0, 1):
         launched = (logs / f"srun-{node}.cmd").read_text()
-        for flag in ("--num_machines 2", "--num_processes 2", "--main_process_ip 127.0.0.1", "--machine_rank $SLURM_NODEID"):
+        for flag in ("--num_machines 2", "--num_processes 2", "--main_process_ip 127.0.0.1",
+                     "--machine_rank $SLURM_NODEID"):
             assert flag in launched, (flag, launched)
     assert "sft done" in (logs / "node-0.log").read_text()  # the main process ran on node 0
 

@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> bool:
             results[name] += (losses,)
     growth = {name: peak - baseline for name, (peak, _, _) in results.items()}
     ratio = growth["FSDP"] / growth["DDP"]
-    print(f"model: SmolLM2-135M-Instruct, fp32, full fine-tune, {args.steps} steps of 1 x {args.seq} tokens per process")
+    print(f"model: SmolLM2-135M-Instruct, fp32, full fine-tune, {args.steps} steps of 1 x {args.seq} tokens "
+          f"per process")
     print(f"baseline (one process, model loaded): {baseline:.0f} MiB")
     print("| side | peak RSS, largest process | growth over baseline | whole run | losses |\n|---|---|---|---|---|")
     for name, (peak, seconds, losses) in results.items():
