@@ -33,8 +33,8 @@ from minift.losses import (
 )
 from minift.sections import DataSection, RolloutSection, TrainConfig
 from minift.train.forward import TokenLogprobs
-from minift.train.rewards import Rewards, load_reward
-from minift.train.rollouts import Rollouts, load_prompts, rollout_params
+from minift.train.rewards import Rewards
+from minift.train.rollouts import Rollouts, online_inputs, rollout_params
 from minift.train.stage import Stage, run_recipe
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -162,10 +162,7 @@ def grpo_step(accelerator, logps_model, cfg: GRPOConfig, window: list[dict], nam
 def main(cfg: GRPOConfig) -> dict:
     stage = Stage(cfg, "grpo", unit="completions")
     accelerator, tokenizer = stage.accelerator, stage.load_tokenizer()
-    rewards = Rewards([load_reward(s, max_completion_length=cfg.max_completion_length) for s in cfg.reward],
-                      cfg.reward_weights)
-    prompts, data_report = load_prompts(cfg.dataset_name_or_path, tokenizer, rewards, max_length=cfg.max_seq_length,
-                                        fmt=cfg.dataset_format, skip_invalid=cfg.skip_invalid)  # before weights load
+    rewards, prompts, data_report = online_inputs(cfg, tokenizer)  # before weights load
     model = stage.load_model()
     logps_model = TokenLogprobs(model)
     make = GRPOBatches(cfg, logps_model, tokenizer, rewards, stage.adapter_name)

@@ -36,8 +36,8 @@ from minift.losses import (
     ppo_value_loss,
 )
 from minift.sections import DataSection, RolloutSection, TrainConfig
-from minift.train.rewards import Rewards, load_reward
-from minift.train.rollouts import Rollouts, load_prompts, rollout_params
+from minift.train.rewards import Rewards
+from minift.train.rollouts import Rollouts, online_inputs, rollout_params
 from minift.train.setup import lora_config_from
 from minift.train.stage import Stage, run_recipe
 from minift.train.value import PolicyValue, add_value_function, average_gradients
@@ -195,10 +195,7 @@ def ppo_step(accelerator, wrapper, cfg: PPOConfig, window: list[dict], step: int
 def main(cfg: PPOConfig) -> dict:
     stage = Stage(cfg, "ppo", unit="completions")
     accelerator, tokenizer = stage.accelerator, stage.load_tokenizer()
-    rewards = Rewards([load_reward(s, max_completion_length=cfg.max_completion_length) for s in cfg.reward],
-                      cfg.reward_weights)
-    prompts, data_report = load_prompts(cfg.dataset_name_or_path, tokenizer, rewards, max_length=cfg.max_seq_length,
-                                        fmt=cfg.dataset_format, skip_invalid=cfg.skip_invalid)  # before weights load
+    rewards, prompts, data_report = online_inputs(cfg, tokenizer)  # before weights load
     model = stage.load_model()
     policy_value = add_value_function(model, stage.weights, lora_config_from(cfg) if cfg.value_model == "adapter"
                                       else None)

@@ -20,7 +20,7 @@ from minift.data.packing import collate_padded
 from minift.data.read import load_records
 from minift.losses import informative_groups
 from minift.sections import RolloutSection
-from minift.train.rewards import Rewards
+from minift.train.rewards import Rewards, load_reward
 from minift.train.sampling import Completion, SamplingParams, sample
 from minift.train.sharding import gathered
 
@@ -67,6 +67,17 @@ def load_prompts(path: str, tokenizer, rewards: Rewards, *, max_length: int, fmt
         prompt = ex.messages[0]["content"] if len(ex.messages) == 1 else ex.messages
         rows.append({"input_ids": ids, "prompt": prompt, "fields": ex.extra})
     return rows, {"prompts": len(rows), "dropped_too_long": too_long, "skipped_invalid": len(norm.skipped)}
+
+
+def online_inputs(cfg, tokenizer) -> tuple[Rewards, list[dict], dict]:
+    """A reward-trained recipe's rewards (``--reward``, weighted by ``--reward_weights``) and its training prompts
+    with their report (:func:`load_prompts`): GRPO's and PPO's. Called before any weights load, so that bad data or
+    a bad reward fails first."""
+    rewards = Rewards([load_reward(s, max_completion_length=cfg.max_completion_length) for s in cfg.reward],
+                      cfg.reward_weights)
+    prompts, report = load_prompts(cfg.dataset_name_or_path, tokenizer, rewards, max_length=cfg.max_seq_length,
+                                   fmt=cfg.dataset_format, skip_invalid=cfg.skip_invalid)
+    return rewards, prompts, report
 
 
 def rollout_params(cfg: RolloutSection) -> SamplingParams:

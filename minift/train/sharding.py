@@ -86,7 +86,7 @@ def shard(model: nn.Module, root: nn.Module, *, mixed_precision: str) -> None:
         raise ConfigError(f"FSDP: no module of {type(model).__name__} is a transformer block to shard by (looked "
                           f"for {sorted(blocks) or 'the model’s _no_split_modules, which it does not declare'}); "
                           f"name its block class with fsdp_transformer_layer_cls_to_wrap in the Accelerate config")
-    options: dict = {"reshard_after_forward": os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true"}
+    options: dict = {"reshard_after_forward": reshard_after_forward()}
     if mixed_precision == "bf16":
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     elif mixed_precision == "fp16":
@@ -108,7 +108,12 @@ def shard(model: nn.Module, root: nn.Module, *, mixed_precision: str) -> None:
 def register(model: nn.Module, root: nn.Module) -> None:
     """Note that ``model`` is sharded under ``root`` (by :func:`shard`, or by Accelerate's FSDP2 on GPUs), for
     :func:`gathered` and the checkpoints."""
-    _ROOTS[model] = (root, os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true")
+    _ROOTS[model] = (root, reshard_after_forward())
+
+
+def reshard_after_forward() -> bool:
+    """The Accelerate config's ``fsdp_reshard_after_forward`` (true unless set false)."""
+    return os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true"
 
 
 def return_freed_memory() -> None:
