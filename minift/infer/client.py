@@ -1,4 +1,4 @@
-"""A small client for OpenAI-compatible chat-completions endpoints (judges, API teachers), standard library only.
+"""A small client for OpenAI-compatible endpoints (judges, API teachers, rollout servers), standard library only.
 
 The standard library's ``urllib`` is enough for JSON over HTTP and keeps minift free of an HTTP dependency
 (``openai`` is a test-only oracle). What the client adds:
@@ -49,7 +49,8 @@ class ChatClient:
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
         if timeout <= 0 or max_retries < 0 or backoff < 0 or concurrency < 1 or (max_calls or 0) < 0:
             raise ValueError("timeout must be > 0, max_retries and backoff >= 0, concurrency >= 1, max_calls >= 0")
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.root = base_url.rstrip("/")
+        self.url = self.root + "/chat/completions"
         self.model, self.timeout, self.max_retries = model, timeout, max_retries
         self.backoff, self.max_backoff, self.concurrency, self.max_calls = backoff, max_backoff, concurrency, max_calls
         self._key = os.environ.get(api_key_env) if api_key_env else None
@@ -61,12 +62,29 @@ class ChatClient:
         return f"ChatClient({self.url!r}, model={self.model!r}, key={'set' if self._key else 'none'})"
 
     def chat(self, messages: list[dict], **options) -> dict:
-        body = {"model": self.model, "messages": messages, **options}
-        cached = self._cache_path(body)
+        return self._cached("/chat/completions", {"model": self.model, "messages": messages, **options})
+
+    def complete(self, prompt: str | list[int], **options) -> dict:
+        """``POST /completions`` (a text or token ids; ``n``, ``seed``, ``logprobs``, ...), cached as :meth:`chat`."""
+        return self._cached("/completions", {"model": self.model, "prompt": prompt, **options})
+
+    def cached(self, prompt: str | list[int], **options) -> dict | None:
+        """The cached answer of :meth:`complete` for these arguments, if there is one (no request is made)."""
+        path = self._cache_path("/completions", {"model": self.model, "prompt": prompt, **options})
+        return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+    def post(self, route: str, body: dict) -> str:
+        """``POST`` ``body`` to ``route`` under the API root (e.g. ``/load_lora_adapter``), uncached, with the
+        retries of every call; the answer's text."""
+        with self._slots:
+            return self._post(self.root + route, body, parse=lambda raw: raw.decode())
+
+    def _cached(self, route: str, body: dict) -> dict:
+        cached = self._cache_path(route, body)
         if cached is not None and cached.is_file():
             return json.loads(cached.read_text())
         with self._slots:
-            answer = self._post(body)
+            answer = self._post(self.root + route, body)
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             partial = cached.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
@@ -95,13 +113,15 @@ class ChatClient:
                         on_answer(i, answers[i])
         return answers
 
-    def _cache_path(self, body: dict) -> Path | None:
+    def _cache_path(self, route: str, body: dict) -> Path | None:
+        """Keyed by the route and body, not the host: a server restarted elsewhere still finds its answers."""
         if self.cache_dir is None:
             return None
-        key = hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+        keyed = body if route == "/chat/completions" else {"route": route, **body}  # chat keys as they always have
+        key = hashlib.sha256(json.dumps(keyed, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
         return self.cache_dir / key[:2] / f"{key}.json"
 
-    def _post(self, body: dict) -> dict:
+    def _post(self, url: str, body: dict, parse: Callable[[bytes], object] = json.loads):
         data = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
         if self._key:
@@ -109,27 +129,27 @@ class ChatClient:
         for attempt in range(self.max_retries + 1):
             with self._lock:
                 if self.max_calls is not None and self.calls >= self.max_calls:
-                    raise APIError(f"{self.url}: the budget of {self.max_calls} calls is spent (raise max_calls, or "
+                    raise APIError(f"{url}: the budget of {self.max_calls} calls is spent (raise max_calls, or "
                                    f"resume with the cache to reuse answers)")
                 self.calls += 1
             wait, problem = None, ""
             try:
-                request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+                request = urllib.request.Request(url, data=data, headers=headers, method="POST")
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.loads(response.read())
+                    return parse(response.read())
             except urllib.error.HTTPError as err:
                 problem = f"HTTP {err.code}: {_message(err)}"
                 if err.code not in RETRIED:
-                    raise APIError(f"{self.url}: {problem}") from None
+                    raise APIError(f"{url}: {problem}") from None
                 wait = _retry_after(err.headers.get("Retry-After"))
             except (TimeoutError, socket.timeout):
                 problem = f"no answer within {self.timeout:g} s"
             except (urllib.error.URLError, ConnectionError) as err:
                 problem = f"cannot connect ({getattr(err, 'reason', err)})"
             except json.JSONDecodeError as err:
-                raise APIError(f"{self.url}: the answer is not JSON ({err})") from None
+                raise APIError(f"{url}: the answer is not JSON ({err})") from None
             if attempt == self.max_retries:
-                raise APIError(f"{self.url}: {problem}; gave up after {attempt + 1} attempts")
+                raise APIError(f"{url}: {problem}; gave up after {attempt + 1} attempts")
             self.sleep(min(self.max_backoff, wait if wait is not None else self.backoff * 2 ** attempt))
 
 

@@ -5,7 +5,8 @@ into response bodies and streamed chunks.
 Supported fields: ``model``, ``messages`` / ``prompt``, ``n``, ``max_tokens`` (chat also
 ``max_completion_tokens``), ``temperature`` (default 1, as OpenAI's), ``top_p``, ``stop``, ``seed``,
 ``logprobs`` / ``top_logprobs`` (chat) or ``logprobs: K`` (completions), ``stream`` and
-``stream_options.include_usage``; vLLM's ``top_k`` and ``min_p``. Fields the engine cannot honour (tools,
+``stream_options.include_usage``; vLLM's ``top_k``, ``min_p`` and ``return_tokens_as_token_ids`` (each reported
+token as ``"token_id:N"``, the final EOS included: what a trainer needs to score the very tokens sampled). Fields the engine cannot honour (tools,
 penalties, logit_bias, echo, ...) are refused with a 400 rather than silently ignored. Reported log-probs are
 the model's at temperature 1, before any top-p / top-k filtering.
 """
@@ -50,6 +51,7 @@ class Request:
     stream: bool = False
     include_usage: bool = False
     logprobs: int | None = None  # None: none; else how many alternatives per token (0: only the chosen)
+    token_ids: bool = False  # report tokens as "token_id:N", every one (vLLM's return_tokens_as_token_ids)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -134,7 +136,7 @@ def parse_request(body, *, chat: bool, resolve, render, tokenize, vocab_size: in
     options = _get(body, "stream_options", (dict,), {})
     return Request(chat=chat, model=model, adapter=adapter, prompts=prompts, params=params, n=n,
                    stream=_get(body, "stream", (bool,), False), include_usage=bool(options.get("include_usage")),
-                   logprobs=logprobs)
+                   logprobs=logprobs, token_ids=_get(body, "return_tokens_as_token_ids", (bool,), False))
 
 
 def _completion_prompts(prompt, tokenize, vocab_size: int) -> list[list[int]]:
@@ -171,15 +173,19 @@ class Formatter:
         return {"id": self.id, "object": obj, "created": self.req.created, "model": self.req.model}
 
     def _shown(self, c: Completion) -> int:
-        """How many of the completion's tokens are reported: a final special token (EOS) is not text."""
-        return len(c.token_ids) - bool(c.token_ids and c.token_ids[-1] in self.special)
+        """How many of the completion's tokens are reported: a final special token (EOS) is not text, unless the
+        tokens are reported by id."""
+        return len(c.token_ids) - bool(not self.req.token_ids and c.token_ids and c.token_ids[-1] in self.special)
+
+    def _token(self, token_id: int) -> str:
+        return f"token_id:{token_id}" if self.req.token_ids else self.tokenizer.decode([token_id])
 
     def logprobs(self, c: Completion) -> dict | None:
         if self.req.logprobs is None:
             return None
         count = self._shown(c)
-        token = [self.tokenizer.decode([t]) for t in c.token_ids[:count]]
-        tops = [[(self.tokenizer.decode([t]), lp) for t, lp in alts] for alts in c.top_logprobs[:count]]
+        token = [self._token(t) for t in c.token_ids[:count]]
+        tops = [[(self._token(t), lp) for t, lp in alts] for alts in c.top_logprobs[:count]]
         if self.req.chat:
             def entry(tok: str, lp: float) -> dict:
                 return {"token": tok, "logprob": lp, "bytes": list(tok.encode())}

@@ -132,6 +132,7 @@ class Batcher:
 
 class APIServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 256  # the listen backlog (socketserver's 5 dropped bursts of clients: 1 s SYN retries)
 
     def __init__(self, gen: Generator, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000):
         self.gen, self.config = gen, config
