@@ -210,10 +210,32 @@ class RolloutSection:
                                               "module:function, file.py:function or a reward-model directory; "
                                               "comma-separated for several")
     reward_weights: list[float] | None = opt(None, "one weight per reward, comma-separated (none given: 1 each)")
+    rollout_backend: str = opt("local", "who samples the rollouts: local, the policy itself; or server, an "
+                                        "OpenAI-compatible server with runtime LoRA loading: tools/serve.py, vLLM")
+    rollout_url: str | None = opt(None, "server backend: the server's API root, e.g. http://127.0.0.1:8000/v1",
+                                  resumable=True)
+    rollout_model: str | None = opt(None, "server backend: the base model's name on the server, as it "
+                                          "serves it; the server must serve the same base model")
+    rollout_sync_steps: int = opt(1, "server backend: give the server the new adapter every k optimizer steps")
+    async_rollouts: bool = opt(False, "server backend: sample the next batch while training on this one, one "
+                                      "step off-policy; the importance weights correct for it")
+    tis_cap: float = opt(2.0, "server backend: cap of the truncated importance weight trainer / sampler, TIS")
+    rollout_timeout: float = opt(600.0, "server backend: seconds one rollout request may take", resumable=True)
 
     def check(self) -> None:
+        server = self.rollout_backend == "server"
         require([(self.max_completion_length >= 1 and self.temperature > 0,
-                   "max_completion_length must be >= 1 and temperature > 0")])
+                  "max_completion_length must be >= 1 and temperature > 0"),
+                 (self.rollout_backend in ("local", "server"),
+                  f"rollout_backend must be local or server, got {self.rollout_backend!r}"),
+                 (not server or (self.rollout_url and self.rollout_model),
+                  "rollout_backend server needs --rollout_url (the API root, http://HOST:PORT/v1) and "
+                  "--rollout_model (the base model's name there)"),
+                 (not server or self.lora_r > 0, "rollout_backend server gives the server the policy as a LoRA "
+                                                 "adapter: train one (lora_r > 0)"),
+                 (server or not self.async_rollouts, "async_rollouts needs rollout_backend server"),
+                 (self.rollout_sync_steps >= 1 and self.tis_cap > 0 and self.rollout_timeout > 0,
+                  "rollout_sync_steps must be >= 1, tis_cap and rollout_timeout > 0")])
 
 
 @dataclasses.dataclass

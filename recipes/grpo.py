@@ -11,6 +11,9 @@ draws the same rollouts), score them with the rewards, turn rewards into advanta
 scaled by the group's std, the batch's or not at all; RLOO: leave-one-out), then ``num_iterations`` updates of
 the clipped policy loss on the completion tokens. ``--dynamic_sampling``: groups whose rewards are all equal
 are replaced by those of further prompts. The reference for ``beta > 0``: the trainable adapter disabled.
+``--rollout_backend server``: an OpenAI-compatible server (tools/serve.py, vLLM) samples from the adapter the run
+gives it, synchronously or one step ahead (``--async_rollouts``), corrected by truncated importance weights
+(minift.train.remote).
 ``per_device_train_batch_size`` counts completions and must divide by ``num_generations``.
 """
 
@@ -33,6 +36,7 @@ from minift.losses import (
 )
 from minift.sections import DataSection, RolloutSection, TrainConfig
 from minift.train.forward import TokenLogprobs
+from minift.train.remote import ServerSampler, server_sampler, tis_weights
 from minift.train.rewards import Rewards
 from minift.train.rollouts import Rollouts, online_inputs, rollout_params
 from minift.train.stage import Stage, run_recipe
@@ -98,16 +102,19 @@ class GRPOBatches:
     advantages, the reference's log-probs when ``beta > 0``, the rollout policy's when ``num_iterations > 1``, and
     the rollout metrics as one tensor (``names`` label it)."""
 
-    def __init__(self, cfg: GRPOConfig, logps_model: TokenLogprobs, tokenizer, rewards: Rewards, adapter: str | None):
+    def __init__(self, cfg: GRPOConfig, logps_model: TokenLogprobs, tokenizer, rewards: Rewards, adapter: str | None,
+                 server: ServerSampler | None = None):
         self.rollouts = Rollouts(logps_model.model, tokenizer, rewards, rollout_params(cfg), cfg.num_generations,
-                                 dynamic_sampling=cfg.dynamic_sampling, max_refills=cfg.max_refills)
+                                 dynamic_sampling=cfg.dynamic_sampling, max_refills=cfg.max_refills, server=server)
         self.cfg, self.logps_model, self.adapter, self.names = cfg, logps_model, adapter, []
 
     @torch.no_grad()
     def __call__(self, prompts: list[dict], seeds: list[int], refill) -> dict:
         cfg, G = self.cfg, self.cfg.num_generations
         batch, metrics = self.rollouts(prompts, seeds, refill)
-        total, _ = batch.pop("rewards"), batch.pop("sampler_logps")  # fresh rollouts: the policy is the sampler
+        total = batch.pop("rewards")
+        if self.rollouts.server is None:
+            del batch["sampler_logps"]  # fresh local rollouts: the policy is the sampler
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
         if cfg.beta > 0:  # the start model (trainable adapter off): the KL term, or folded into RLOO's rewards
             with disable_adapters(self.logps_model.model, [self.adapter]):
@@ -137,21 +144,25 @@ def grpo_step(accelerator, logps_model, cfg: GRPOConfig, window: list[dict], nam
     num_items = accelerator.reduce(tokens, "sum") / accelerator.num_processes
     totals, stats = torch.zeros((), device=accelerator.device), []
     kl_beta = cfg.beta if cfg.advantage == "grpo" else 0.0  # RLOO's KL is in its rewards, not a loss term
+    remote = "sampler_logps" in window[0]
     for batch, mask in zip(window, masks):
         logps = logps_model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
         old = batch["old_logps"] if "old_logps" in batch else logps.detach()
+        weights, tis = tis_weights(old, batch["sampler_logps"], mask, cfg.tis_cap) if remote else (None, {})
         loss, metrics = grpo_loss(logps, old, batch["advantages"], mask, ref_logps=batch.get("ref_logps"),
                                   beta=kl_beta, epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                                   importance_sampling=cfg.importance_sampling, loss_type=cfg.loss_type,
-                                  max_completion_length=cfg.max_completion_length, num_items=num_items)
+                                  max_completion_length=cfg.max_completion_length, num_items=num_items,
+                                  weights=weights)
         scale = 1.0 if cfg.loss_type == "dapo" else 1.0 / len(window)  # dapo divides by the window's tokens
         accelerator.backward(loss * scale)
         totals += loss.detach() * scale
-        token_stats = torch.stack([metrics["clip_low"], metrics["clip_high"], metrics.get("kl", torch.zeros(()))])
+        token_stats = torch.stack([metrics["clip_low"], metrics["clip_high"], metrics.get("kl", torch.zeros(())),
+                                   *tis.values()])
         stats.append(torch.cat([batch["metrics"].to(accelerator.device),  # rollout means, then token-weighted sums
                                 token_stats.double().to(accelerator.device) * mask.sum() * len(window) / num_items]))
     mean = accelerator.reduce(torch.stack(stats).mean(0), "mean").tolist()
-    record = dict(zip(names + ["clip_low", "clip_high", "kl"], mean))
+    record = dict(zip(names + ["clip_low", "clip_high", "kl"] + list(tis), mean))
     if kl_beta == 0:
         del record["kl"]
     loss = accelerator.reduce(totals, "mean").item()
@@ -165,7 +176,7 @@ def main(cfg: GRPOConfig) -> dict:
     rewards, prompts, data_report = online_inputs(cfg, tokenizer)  # before weights load
     model = stage.load_model()
     logps_model = TokenLogprobs(model)
-    make = GRPOBatches(cfg, logps_model, tokenizer, rewards, stage.adapter_name)
+    make = GRPOBatches(cfg, logps_model, tokenizer, rewards, stage.adapter_name, server_sampler(cfg, stage))
     batches = stage.online_batches(prompts, make)
     logps_model = stage.prepare(logps_model, batches)
     stage.resume()

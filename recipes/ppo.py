@@ -36,6 +36,7 @@ from minift.losses import (
     ppo_value_loss,
 )
 from minift.sections import DataSection, RolloutSection, TrainConfig
+from minift.train.remote import ServerSampler, server_sampler, tis_weights
 from minift.train.rewards import Rewards
 from minift.train.rollouts import Rollouts, online_inputs, rollout_params
 from minift.train.setup import lora_config_from
@@ -111,8 +112,8 @@ class PPOBatches:
     (``names`` label it). Whitening and the KL controller see the micro-batch of every process (``reduce``)."""
 
     def __init__(self, cfg: PPOConfig, model: PolicyValue, tokenizer, rewards: Rewards, kl: AdaptiveKLController,
-                 reduce):
-        self.rollouts = Rollouts(model.model, tokenizer, rewards, rollout_params(cfg), 1)
+                 reduce, server: ServerSampler | None = None):
+        self.rollouts = Rollouts(model.model, tokenizer, rewards, rollout_params(cfg), 1, server=server)
         self.cfg, self.model, self.kl, self.reduce, self.names = cfg, model, kl, reduce, []
 
     @torch.no_grad()
@@ -120,7 +121,7 @@ class PPOBatches:
         cfg = self.cfg
         with self.model.policy_only():
             batch, metrics = self.rollouts(prompts, seeds)
-        batch.pop("sampler_logps")
+        sampled = batch.pop("sampler_logps")
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
         mask = batch["labels"][:, 1:] != IGNORE_INDEX
         was_training = self.model.training
@@ -134,6 +135,9 @@ class PPOBatches:
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask, moments=self.reduce(masked_moments(advantages, mask)))
         batch.update(old_logps=logps, old_values=values, advantages=advantages, returns=returns)
+        if self.rollouts.server is not None:  # another engine sampled: weight each token by trainer / sampler
+            batch["tis_weights"], tis = tis_weights(logps, sampled, mask, cfg.tis_cap)
+            metrics.update({k: v.item() for k, v in tis.items()})
         # the controller moves once per micro-batch, with the mean KL of the completions of every process
         kl_sum, rows = self.reduce(torch.stack([kl.sum().double(), torch.tensor(float(len(kl)), dtype=torch.float64)]))
         metrics.update(kl=(kl_sum / rows).item(), kl_coef=self.kl.value, score=scores.mean().item(),
@@ -172,7 +176,7 @@ def ppo_step(accelerator, wrapper, cfg: PPOConfig, window: list[dict], step: int
         with accelerator.no_sync(wrapper) if two_passes or i < len(parts) - 1 else contextlib.nullcontext():
             logps, values = (wrapper(**inputs, part="policy"), None) if two_passes else wrapper(**inputs)
             policy_loss, policy_stats = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask,
-                                                        clip_range=cfg.cliprange)
+                                                        clip_range=cfg.cliprange, weights=batch.get("tis_weights"))
             if two_passes:  # the policy pass's activations are freed before the value pass stores its own
                 accelerator.backward(policy_loss * scale)
                 values = wrapper(**inputs, part="value")
@@ -201,7 +205,7 @@ def main(cfg: PPOConfig) -> dict:
                                       else None)
     kl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
     make = PPOBatches(cfg, policy_value, tokenizer, rewards, kl,
-                      lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu())
+                      lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu(), server_sampler(cfg, stage))
     batches = stage.online_batches(prompts, make)
     wrapper = stage.prepare(policy_value, batches)
     stage.resume()

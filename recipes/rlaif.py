@@ -33,6 +33,7 @@ from minift.train.forward import SequenceLogprobs, TokenLogprobs
 from minift.train.generation import generate
 from minift.train.judges import RUBRIC, APIJudge, JudgeReward, LocalJudge
 from minift.train.pairs import PreferenceLoss, Reference
+from minift.train.remote import server_sampler
 from minift.train.rewards import Rewards, load_reward
 from minift.train.rollouts import Rollouts, load_prompts, rollout_params
 from minift.train.stage import Stage, run_recipe
@@ -80,7 +81,10 @@ class RLAIFConfig(GRPOConfig):
                                  "--judge_model (an OpenAI-compatible endpoint)"),
                   (not api or bool(self.judge_model), "judge_api_base needs judge_model"),
                   (self.mode == "grpo" or self.lora_r > 0, "online DPO's reference is the start model, which a full "
-                                                           "fine-tune (lora_r 0) does not keep: train an adapter")]
+                                                           "fine-tune (lora_r 0) does not keep: train an adapter"),
+                  (self.mode == "grpo" or self.rollout_backend == "local",
+                   "rollout_backend server samples GRPO's rollouts: use it with --mode grpo (online DPO samples "
+                   "its pairs itself)")]
         require(checks)
         PreferenceLoss(self.dpo_loss_type, self.dpo_beta, rpo_alpha=self.dpo_rpo_alpha)  # checks the three
 
@@ -172,7 +176,7 @@ def main(cfg: RLAIFConfig) -> dict:
     model = stage.load_model()
     if cfg.mode == "grpo":
         logps_model = TokenLogprobs(model)
-        make = GRPOBatches(cfg, logps_model, tokenizer, rewards, stage.adapter_name)
+        make = GRPOBatches(cfg, logps_model, tokenizer, rewards, stage.adapter_name, server_sampler(cfg, stage))
     else:
         logps_model = SequenceLogprobs(model)
         make = OnlineDPOBatches(cfg, model, tokenizer, rewards)

@@ -345,13 +345,15 @@ class ChatServer:
         self.httpd.server_close()
 
 
-def start_server(*args: str, timeout: float = 180) -> tuple[subprocess.Popen, str]:
-    """tools/serve.py on a free port; returns the process and the base URL it printed. A server in its own process
-    keeps its batcher thread's OpenMP team out of the test process: a second team there makes libgomp throttle
-    its spinning (more threads than CPUs), and every later test's compute slows down (measured: a GRPO learning
-    run took 521 s instead of 285)."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "serve.py"), *args, "--port", "0"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_server(*args: str, timeout: float = 180, port: int = 0, program: tuple[str, ...] = (),
+                 env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """tools/serve.py on a free port (or ``port``); returns the process and the base URL it printed. A server in
+    its own process keeps its batcher thread's OpenMP team out of the test process: a second team there makes
+    libgomp throttle its spinning (more threads than CPUs), and every later test's compute slows down (measured: a
+    GRPO learning run took 521 s instead of 285). ``program``: what runs instead of ``python tools/serve.py``."""
+    command = list(program) or [sys.executable, str(ROOT / "tools" / "serve.py")]
+    proc = subprocess.Popen([*command, *args, "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ready, _, _ = select.select([proc.stdout], [], [], 1.0)

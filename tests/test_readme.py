@@ -42,7 +42,8 @@ def test_ci_runs_the_readme_test_command():
 
 DEMO = "pip install torch==2.13.0 && pip install -e . && minift sft_dpo"
 # Long runs the README shows: checked with --dry_run here (tests/test_pipeline.py and tests/test_cot_distill.py run
-# them for real). Commands with launcher options (GPUs, FSDP, DeepSpeed) or an API endpoint are dry runs too.
+# them for real). Commands with launcher options (GPUs, FSDP, DeepSpeed) or an API endpoint (a judge, a teacher, a
+# rollout server: tests/test_remote_rollouts.py runs those against tools/serve.py) are dry runs too.
 DRY = ("pipeline.py", "cot_distill.py")
 FEW_STEPS = ["--max_steps", "2", "--logging_steps", "1", "--overwrite_output_dir", "true", "--answer_eval_dataset",
              "none"]
@@ -68,7 +69,7 @@ def serve_once(argv: list[str], cwd: Path, env: dict) -> None:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as reply:
                     models = {m["id"] for m in json.loads(reply.read())["data"]}
                 named = {a.split("=")[0] for prev, a in zip(argv, argv[1:]) if prev == "--adapter"}
-                assert named and named <= models, models
+                assert models and named <= models, models
                 return
             except OSError:
                 assert proc.poll() is None, proc.stdout.read()
@@ -86,7 +87,7 @@ def script_of(command: str) -> str:
 
 def as_test_run(command: str) -> list[str]:
     """How the test runs a README command: ``python SCRIPT ARGS`` (``minift X`` as the script it runs)."""
-    words = shlex.split(command)
+    words = shlex.split(command.removesuffix("&").strip())  # a server started in the background: run as the rest
     while "=" in words[0] and not words[0].startswith("-"):  # VAR=value prefixes go to the environment
         words.pop(0)
     if words[0] == "python":
@@ -107,7 +108,7 @@ def as_test_run(command: str) -> list[str]:
     script, args = words[0], words[1:]
     if script.startswith("tools/"):  # the tools run as written
         return [sys.executable, script, *args]
-    dry = launcher or Path(script).name in DRY or any(a.endswith("_api_base") for a in args)
+    dry = launcher or Path(script).name in DRY or any(a.endswith("_api_base") or a == "--rollout_url" for a in args)
     if dry:
         return [sys.executable, script, *args, "--dry_run"]
     return [sys.executable, script, *args, *([] if Path(script).name == "sft_dpo.py" else FEW_STEPS)]

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_PROMPTS, RECIPES, ChatServer, chat_answer, logged, sigkill_when
+from conftest import DEMO_PROMPTS, RECIPES, ChatServer, chat_answer, logged, sigkill_when, start_server
 
 from minift.train.judges import JudgeReward
 
@@ -130,3 +130,21 @@ def test_grpo_mode_and_a_failing_judge(weak_sft, tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"error: reward judge raised APIError: {broken.url}/chat/completions: HTTP 500: boom; gave up after 3 " \
            "attempts" in proc.stderr
+
+
+def test_grpo_mode_samples_through_a_rollout_server(weak_sft, tmp_path):
+    """``--mode grpo --rollout_backend server``: tools/serve.py samples the completions the judge scores, the same
+    ones (and so the same judge rewards) as the recipe's own sampler."""
+    judge, (server, url) = ChatServer(verdict), start_server("tiny", "--max_batch_size", "128")
+    try:
+        args = quick(tmp_path, judge.url, "--init_adapter", weak_sft[0], "--mode", "grpo", "--max_steps", "2")
+        local = run_rlaif(*args, "--output_dir", tmp_path / "local")
+        remote = run_rlaif(*args, "--output_dir", tmp_path / "remote", "--rollout_backend", "server", "--rollout_url",
+                           url, "--rollout_model", "tiny")
+    finally:
+        judge.close()
+        server.kill()
+        server.wait()
+    assert local.returncode == 0 and remote.returncode == 0, (local.stderr[-2000:], remote.stderr[-2000:])
+    assert logged(tmp_path / "remote", "rewards/judge/mean") == logged(tmp_path / "local", "rewards/judge/mean")
+    assert max(logged(tmp_path / "remote", "sampler_mismatch").values()) < 1e-4

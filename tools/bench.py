@@ -60,6 +60,9 @@ grpo  ``python tools/bench.py grpo [--part rollout|step|all] [--steps 3] [--warm
       >= 2.0x new tokens/s; ms per decode step of both). ``step``: recipes/grpo.py's whole step (generation,
       log-probs, update) against trl's GRPOTrainer (use_vllm off, beta 0; goals <= 0.67x step time, peak RSS
       growth <= trl's), with the share of each step spent generating; see ``tools/bench_grpo.py``.
+      ``--rollout_backend server``: recipes/grpo.py on the demo with local, server-synchronous and server-async
+      rollouts (tools/serve.py in its own process), step times side by side and the adapter write + load time
+      (goal: async <= 0.8x synchronous); see ``tools/bench_remote.py``.
 distill ``python tools/bench.py distill [--steps 4] [--warmup 1] [--reps 2] [--threads 2]``
       Logit distillation of model A (LoRA r16) from a frozen 16-layer model A, 4 x 512 tokens a step, each side in
       fresh processes: recipes/distill.py's chunked step against the naive full-logits step (goals: peak RSS growth

@@ -24,6 +24,7 @@ import statistics
 import time
 import zlib
 
+import bench_remote
 import torch
 from bench_common import (
     SFT_ADAPTER,
@@ -242,6 +243,10 @@ def run(args: argparse.Namespace) -> bool:
 
         print("RESULT " + json.dumps(worker(args._worker, args)))
         return True
+    if args.rollout_backend == "server":
+        args.steps = args.steps or 60
+        return bench_remote.run(args)
+    args.steps = args.steps or 3
     set_precision(args.precision)
     set_model(args.model)
     print(f"{model_name()} {model_spec()}, {precision()}, {args.threads} torch threads per process; {load_line()}")
@@ -255,10 +260,14 @@ def run(args: argparse.Namespace) -> bool:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--part", choices=("rollout", "step", "all"), default="all")
-    parser.add_argument("--steps", type=int, default=3, help="timed calls / steps per process (default 3)")
+    parser.add_argument("--steps", type=int, default=None, help="timed calls / steps per process (default 3; 60 "
+                                                                  "with --rollout_backend server)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls / steps first (default 1)")
     parser.add_argument("--reps", type=int, default=2, help="fresh processes per side (default 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--rollout_backend", choices=("local", "server"), default="local",
+                        help="server: step time of local, server-synchronous and server-async rollouts on the demo "
+                             "instead (tools/bench_remote.py; --steps then counts timed steps, default 60)")
     parser.add_argument("--_worker", default="", help=argparse.SUPPRESS)
     add_precision_argument(parser)
     add_model_argument(parser)

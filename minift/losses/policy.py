@@ -97,7 +97,8 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
               ref_logps: torch.Tensor | None = None, beta: float = 0.0, epsilon_low: float = 0.2,
               epsilon_high: float | None = None, importance_sampling: str = "token", loss_type: str = "dapo",
               kl_estimator: str = "k3", max_completion_length: int | None = None,
-              num_items: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              num_items: float | torch.Tensor | None = None, weights: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped surrogate of GRPO (Shao et al. 2024, 2402.03300) and its variants.
 
     Per token ``ℓ_t = −min(ρ A, clip(ρ, 1 − ε_low, 1 + ε_high) A) + β · KL_t`` (DAPO's clip-higher when
@@ -108,7 +109,9 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
     whole batch's token count over the number of processes when the batch is split across steps or processes).
 
     ``logps`` ``(B, T)`` with grad; ``old_logps`` the sampling policy's (detached; equal to ``logps`` on the first
-    pass over fresh rollouts, so ``ρ = 1``); ``advantages`` ``(B,)``; ``ref_logps`` needed when ``beta > 0``.
+    pass over fresh rollouts, so ``ρ = 1``); ``advantages`` ``(B,)``; ``ref_logps`` needed when ``beta > 0``;
+    ``weights`` ``(B, T)``, detached: per-token factors of the surrogate (importance weights to the policy that
+    really sampled, when another engine did: :func:`~minift.train.remote.tis_weights`).
     Returns the loss and detached metrics: ``clip_low`` / ``clip_high`` (share of tokens whose ratio is clipped
     below with ``A < 0`` / above with ``A > 0``) and ``kl`` (mean over tokens, when ``beta > 0``).
     """
@@ -137,6 +140,8 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
     ratio = torch.exp(log_ratio)
     adv = advantages.to(logps.dtype).unsqueeze(1)
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * adv)
+    if weights is not None:
+        per_token = per_token * weights.detach()
     metrics: dict[str, torch.Tensor] = {}
     if beta > 0:
         kl = kl_per_token(logps, ref_logps, kl_estimator)

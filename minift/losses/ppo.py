@@ -87,14 +87,17 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
 
 
 def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-                    clip_range: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    clip_range: float = 0.2, weights: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped surrogate ``mean_t max(−A_t ρ_t, −A_t clip(ρ_t, 1 − ε, 1 + ε))``, ``ρ_t = e^{logπ − logπ_old}``,
-    over masked tokens. Metrics: ``clip_frac`` (tokens where the clipped term is the larger) and ``approx_kl``
-    (``½ mean (logπ − logπ_old)²``), detached."""
+    over masked tokens; ``weights`` (detached, like ``mask``): per-token factors of it (importance weights to the
+    policy that really sampled, when another engine did). Metrics: ``clip_frac`` (tokens where the clipped term is
+    the larger) and ``approx_kl`` (``½ mean (logπ − logπ_old)²``), detached."""
     m = _check(mask, logps, old_logps, advantages).bool()
     ratio = torch.exp(logps - old_logps)
     unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), m)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = masked_mean(per_token if weights is None else per_token * weights.detach(), m)
     with torch.no_grad():
         metrics = {"clip_frac": masked_mean((clipped > unclipped).float(), m),
                    "approx_kl": masked_mean(0.5 * (logps - old_logps) ** 2, m)}

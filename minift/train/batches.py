@@ -44,13 +44,18 @@ class OnlineBatches:
 
     ``repeats`` > 1 (GRPO's ``num_iterations``): each window of ``accumulation`` micro-batches is made once and
     serves ``repeats`` optimizer steps in a row, so an epoch has ``repeats`` times as many steps. A resume
-    restarts at a step where a window is made (the recipe checkpoints only there), so it is exact."""
+    restarts at a step where a window is made (the recipe checkpoints only there), so it is exact.
+
+    ``follow(window, repeats, upcoming)``, when given, is told which rollout window each micro-batch belongs to
+    before it is made, with ``upcoming()``: the same micro-batch of the next window (None after the run's last,
+    ``total_steps``), which an asynchronous sampler starts on early (:meth:`Rollouts.at`)."""
 
     def __init__(self, prompts: list, per_device: int, num_processes: int, rank: int, seed: int, make_batch, *,
-                 accumulation: int = 1, repeats: int = 1):
+                 accumulation: int = 1, repeats: int = 1, follow=None):
         self.prompts = ShardedBatches(prompts, per_device, num_processes, rank, seed, collate=list)
         self.per_epoch, self.seed, self.make_batch = self.prompts.per_epoch * repeats, seed, make_batch
-        self.accumulation, self.repeats, self._made = accumulation, repeats, {}
+        self.accumulation, self.repeats, self._made, self.follow = accumulation, repeats, {}, follow
+        self.total_steps: int | None = None  # set by the stage once the run's length is known
 
     def draw(self, index: int, attempt: int = 0) -> tuple[list, list[int]]:
         """Micro-batch ``index + attempt``'s prompts and their seeds (salted by ``attempt``)."""
@@ -64,6 +69,10 @@ class OnlineBatches:
         source = window // self.repeats * self.accumulation + offset  # the micro-batch whose prompts serve here
         if source in self._made:
             return self._made[source]
+        if self.follow is not None:
+            rollout_window, ahead = window // self.repeats, source + self.accumulation
+            last = self.total_steps is not None and (rollout_window + 1) * self.repeats >= self.total_steps
+            self.follow(rollout_window, self.repeats, None if last else lambda: self.draw(ahead))
         batch = self.make_batch(*self.draw(source), lambda attempt: self.draw(source, attempt))
         if self.repeats > 1:  # kept for the window's later steps; earlier windows' batches are dropped
             self._made = {k: v for k, v in self._made.items() if k // self.accumulation == window // self.repeats}

@@ -9,6 +9,7 @@ they teach nothing) are dropped and the batch is refilled with informative group
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -20,6 +21,7 @@ from minift.data.packing import collate_padded
 from minift.data.read import load_records
 from minift.losses import informative_groups
 from minift.sections import RolloutSection
+from minift.train.remote import ServerSampler
 from minift.train.rewards import Rewards, load_reward
 from minift.train.sampling import Completion, SamplingParams, sample
 from minift.train.sharding import gathered
@@ -94,23 +96,36 @@ class Rollouts:
     ``row_seed(seeds[i], j)``). ``batch``: ``input_ids``, ``attention_mask``, ``labels``, ``sampler_logps`` (the
     sampler's log-probs of the completion tokens at temperature 1, ``(B, T - 1)`` as
     :class:`~minift.train.forward.TokenLogprobs` lays them out), ``rewards`` (the weighted total, ``(B,)``) and
-    ``truncated`` (completions cut at ``max_new_tokens``). ``metrics``: each reward's mean and
+    ``truncated`` (completions cut at ``max_new_tokens``). With a ``server`` (:class:`ServerSampler`) the server
+    samples and ``sampler_logps`` are its own. ``metrics``: each reward's mean and
     std, completion length mean and max, the share truncated, seconds sampling (``generate_s``) and in all
     (``rollout_s``: sampling and rewards), sampled tokens/s; with dynamic sampling also the first draw's share
-    of informative groups and the refills made.
+    of informative groups and the refills made; from a server, ``staleness`` and ``adapter_sync_s``.
     """
 
     def __init__(self, model, tokenizer, rewards: Rewards, params: SamplingParams, group_size: int, *,
-                 dynamic_sampling: bool = False, max_refills: int = 4):
+                 dynamic_sampling: bool = False, max_refills: int = 4, server: ServerSampler | None = None):
         self.model, self.tokenizer, self.rewards, self.params, self.G = model, tokenizer, rewards, params, group_size
-        self.dynamic_sampling, self.max_refills = dynamic_sampling, max_refills
-        self.sampling_s = 0.0  # seconds in the sampler, all calls
+        self.dynamic_sampling, self.max_refills, self.server = dynamic_sampling, max_refills, server
+        self.sampling_s = 0.0  # seconds in the sampler (or waiting for the server), all calls
+
+    def _request(self, prompts: list[dict], seeds: list[int]) -> tuple[list[list[int]], list[SamplingParams]]:
+        return [p["input_ids"] for p in prompts], [replace(self.params, seed=s) for s in seeds]
+
+    def at(self, window: int, steps_per_window: int, upcoming) -> None:
+        """Where the run stands, for a server sampler (see :meth:`ServerSampler.at`); ``upcoming()`` gives the next
+        window's ``(prompts, seeds)`` here."""
+        if self.server is not None:
+            self.server.at(window, steps_per_window, upcoming and (lambda: self._request(*upcoming())))
 
     def draw(self, prompts: list[dict], seeds: list[int]) -> _Scored:
         """G completions of each prompt, scored."""
-        params = [replace(self.params, seed=s) for s in seeds]
+        ids, params = self._request(prompts, seeds)
         start = time.perf_counter()
-        completions = sample(self.model, self.tokenizer, [p["input_ids"] for p in prompts], params, n=self.G)
+        if self.server is not None:
+            completions = self.server(ids, params, self.G)
+        else:
+            completions = sample(self.model, self.tokenizer, ids, params, n=self.G)
         self.sampling_s += time.perf_counter() - start
         owners = [prompts[k // self.G] for k in range(len(completions))]
         fields = {key: [p["fields"].get(key) for p in owners] for key in prompts[0]["fields"]}
@@ -121,7 +136,8 @@ class Rollouts:
     @torch.no_grad()
     def __call__(self, prompts: list[dict], seeds: list[int], refill: Refill | None = None) -> tuple[dict, dict]:
         start, sampled_before = time.perf_counter(), self.sampling_s
-        with gathered(self.model):  # under FSDP each process samples alone, with the model whole
+        # under FSDP each process samples alone, with the model whole
+        with gathered(self.model) if self.server is None else nullcontext():
             scored = self.draw(prompts, seeds)
             extra = {}
             if self.dynamic_sampling:
@@ -139,7 +155,8 @@ class Rollouts:
         batch["truncated"] = torch.tensor([c.finish_reason == "length" for c in completions])
         metrics = {**Rewards.metrics(scored.total, scored.values), "completion_length": lengths.mean().item(),
                    "completion_length_max": lengths.max().item(), "truncated": batch["truncated"].float().mean().item(),
-                   **extra, "sampled_tokens_per_s": lengths.sum().item() / max(generating, 1e-9),
+                   **extra, **(self.server.metrics() if self.server else {}),
+                   "sampled_tokens_per_s": lengths.sum().item() / max(generating, 1e-9),
                    "generate_s": generating, "rollout_s": time.perf_counter() - start}
         return batch, metrics
 

@@ -61,6 +61,7 @@ from minift.train.outputs import (
     write_model_card,
     write_run_json,
 )
+from minift.train.remote import RolloutServerError
 from minift.train.rewards import RewardError
 from minift.train.setup import (
     close_processes,
@@ -172,9 +173,10 @@ class Stage:
         ``cfg.batch_plan()`` says how many prompts each holds and for how many optimizer steps a window serves."""
         per_device, repeats = self.cfg.batch_plan()
         check_enough_rows(len(prompts), self.cfg, self.accelerator.num_processes, what, per_device)
+        rollouts = getattr(make_batch, "rollouts", None)
         return OnlineBatches(prompts, per_device, self.accelerator.num_processes, self.accelerator.process_index,
                              self.cfg.seed, make_batch, accumulation=self.cfg.gradient_accumulation_steps,
-                             repeats=repeats)
+                             repeats=repeats, follow=rollouts.at if rollouts is not None else None)
 
     @property
     def adapter_name(self) -> str | None:
@@ -198,6 +200,8 @@ class Stage:
                 register(self.model, self.wrapper)
         self.batches, self.evaluate = batches, evaluate
         self.total = total_steps(cfg, batches.per_epoch)
+        if isinstance(batches, OnlineBatches):
+            batches.total_steps = self.total
         self.scheduler = make_scheduler(cfg, self.optimizer, self.total)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         return self.wrapper
@@ -220,6 +224,12 @@ class Stage:
         return self.state["step"]
 
     # ------------------------------------------------------------------ the loop
+
+    @property
+    def rollouts(self):
+        """An online recipe's :class:`~minift.train.rollouts.Rollouts` (its batch maker's), else None."""
+        batches = getattr(self, "batches", None)
+        return getattr(batches.make_batch, "rollouts", None) if isinstance(batches, OnlineBatches) else None
 
     @property
     def rows_per_step(self) -> int:
@@ -254,7 +264,7 @@ class Stage:
         (the maker's ``rollouts``), ``generate_share``), evaluate, checkpoint, early stopping."""
         cfg, state = self.cfg, self.state
         step = state["step"] + 1
-        rollouts = getattr(getattr(self.batches, "make_batch", None), "rollouts", None)
+        rollouts = self.rollouts
         if rollouts is not None:  # an online recipe: the share of the step spent sampling
             now = time.perf_counter()
             record["generate_share"] = (rollouts.sampling_s - self.sampled) / (now - self.clock)
@@ -295,6 +305,8 @@ class Stage:
                 state["best_checkpoint"] = str(self.out / f"checkpoint-{step}")
             # a diverged checkpoint is never "the last good one"
             state["healthy"] = self.health.check_weights(step) if healthy is None else healthy
+            if rollouts is not None and rollouts.server is not None:
+                rollouts.server.settle()  # the rollouts in flight are on disk before the checkpoint that needs them
             save_checkpoint(self.accelerator, self.out, self.weights, self.optimizer, self.scheduler, state,
                             save_total_limit=cfg.save_total_limit)
         if self._stop:
@@ -338,6 +350,8 @@ class Stage:
                                                 message=cfg.hub_commit_message)
                 write_run_json(cfg, cfg.output_dir, **record)
             self.lock.release()
+        if self.rollouts is not None and self.rollouts.server is not None:
+            self.rollouts.server.close()
         end_stage(self.accelerator)
         return result
 
@@ -377,7 +391,7 @@ def run_recipe(main, config_class, doc: str, errors: tuple[type[Exception], ...]
                 main(config)
         finished = True
     except (ConfigError, FileNotFoundError, RecordError, RewardError, HubPushError, FloatingPointError, CheckpointError,
-            *errors) as err:
+            RolloutServerError, *errors) as err:
         sys.exit(f"error: {err}")
     finally:
         release_output_dirs()
