@@ -191,8 +191,8 @@ def test_ppo_samples_through_the_server_as_it_does_itself(weak_sft, tmp_path):
 @pytest.mark.slow
 def test_grpo_learns_from_async_server_rollouts(weak_sft, tmp_path):
     """From the weak start, GRPO with the recipe's defaults sampling one step ahead through tools/serve.py (its own
-    process) raises held-out exact match by the local run's bar, 20 points (measured: 44% -> 70%, 10.5 minutes
-    here); the policy that sampled is one update behind (staleness 1) and the importance weights see a small
+    process) raises held-out exact match by the local run's bar, 20 points (measured: 44% -> 70%, 9.5 to 10.5
+    minutes here); the policy that sampled is one update behind (staleness 1) and the importance weights see a small
     mismatch (mean |Δ log-prob| 0.005 median, 0.025 at most). The synchronous backend is the local run's own
     sampling (test_synchronous_server_rollouts_are_the_local_ones), whose learning test_grpo.py shows."""
     adapter, before = weak_sft

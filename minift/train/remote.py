@@ -13,7 +13,8 @@ truncated importance ratio trainer / sampler (TIS; :func:`tis_weights`).
 window is requested in the background, sampled by the policy as it is now, while the trainer trains on this one:
 the trainer is then one window ahead of its sampler (staleness 1; the importance ratio covers it). Answers are
 written to disk as they arrive (``<output_dir>/rollouts``, the client's cache) and a checkpoint waits for every
-request in flight, so a resumed run reads back what it had asked for and asks the server nothing twice.
+request in flight, so a resumed run reads back every answer it had received: it asks the server again only for what
+was still unanswered when the run stopped.
 """
 
 from __future__ import annotations
