@@ -36,7 +36,7 @@ from minift.losses import (
 )
 from minift.sections import DataSection, RolloutSection, TrainConfig
 from minift.train.forward import TokenLogprobs
-from minift.train.remote import ServerSampler, server_sampler, tis_weights
+from minift.train.remote import tis_weights
 from minift.train.rewards import Rewards
 from minift.train.rollouts import Rollouts, online_inputs, rollout_params
 from minift.train.stage import Stage, run_recipe
@@ -102,10 +102,9 @@ class GRPOBatches:
     advantages, the reference's log-probs when ``beta > 0``, the rollout policy's when ``num_iterations > 1``, and
     the rollout metrics as one tensor (``names`` label it)."""
 
-    def __init__(self, cfg: GRPOConfig, logps_model: TokenLogprobs, tokenizer, rewards: Rewards, adapter: str | None,
-                 server: ServerSampler | None = None):
+    def __init__(self, cfg: GRPOConfig, logps_model: TokenLogprobs, tokenizer, rewards: Rewards, adapter: str | None):
         self.rollouts = Rollouts(logps_model.model, tokenizer, rewards, rollout_params(cfg), cfg.num_generations,
-                                 dynamic_sampling=cfg.dynamic_sampling, max_refills=cfg.max_refills, server=server)
+                                 dynamic_sampling=cfg.dynamic_sampling, max_refills=cfg.max_refills)
         self.cfg, self.logps_model, self.adapter, self.names = cfg, logps_model, adapter, []
 
     @torch.no_grad()
@@ -176,7 +175,7 @@ def main(cfg: GRPOConfig) -> dict:
     rewards, prompts, data_report = online_inputs(cfg, tokenizer)  # before weights load
     model = stage.load_model()
     logps_model = TokenLogprobs(model)
-    make = GRPOBatches(cfg, logps_model, tokenizer, rewards, stage.adapter_name, server_sampler(cfg, stage))
+    make = GRPOBatches(cfg, logps_model, tokenizer, rewards, stage.adapter_name)
     batches = stage.online_batches(prompts, make)
     logps_model = stage.prepare(logps_model, batches)
     stage.resume()

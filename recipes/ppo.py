@@ -36,7 +36,7 @@ from minift.losses import (
     ppo_value_loss,
 )
 from minift.sections import DataSection, RolloutSection, TrainConfig
-from minift.train.remote import ServerSampler, server_sampler, tis_weights
+from minift.train.remote import tis_weights
 from minift.train.rewards import Rewards
 from minift.train.rollouts import Rollouts, online_inputs, rollout_params
 from minift.train.setup import lora_config_from
@@ -112,8 +112,8 @@ class PPOBatches:
     (``names`` label it). Whitening and the KL controller see the micro-batch of every process (``reduce``)."""
 
     def __init__(self, cfg: PPOConfig, model: PolicyValue, tokenizer, rewards: Rewards, kl: AdaptiveKLController,
-                 reduce, server: ServerSampler | None = None):
-        self.rollouts = Rollouts(model.model, tokenizer, rewards, rollout_params(cfg), 1, server=server)
+                 reduce):
+        self.rollouts = Rollouts(model.model, tokenizer, rewards, rollout_params(cfg), 1)
         self.cfg, self.model, self.kl, self.reduce, self.names = cfg, model, kl, reduce, []
 
     @torch.no_grad()
@@ -205,7 +205,7 @@ def main(cfg: PPOConfig) -> dict:
                                       else None)
     kl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
     make = PPOBatches(cfg, policy_value, tokenizer, rewards, kl,
-                      lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu(), server_sampler(cfg, stage))
+                      lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu())
     batches = stage.online_batches(prompts, make)
     wrapper = stage.prepare(policy_value, batches)
     stage.resume()

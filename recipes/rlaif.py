@@ -33,7 +33,6 @@ from minift.train.forward import SequenceLogprobs, TokenLogprobs
 from minift.train.generation import generate
 from minift.train.judges import RUBRIC, APIJudge, JudgeReward, LocalJudge
 from minift.train.pairs import PreferenceLoss, Reference
-from minift.train.remote import server_sampler
 from minift.train.rewards import Rewards, load_reward
 from minift.train.rollouts import Rollouts, load_prompts, rollout_params
 from minift.train.stage import Stage, run_recipe
@@ -176,7 +175,7 @@ def main(cfg: RLAIFConfig) -> dict:
     model = stage.load_model()
     if cfg.mode == "grpo":
         logps_model = TokenLogprobs(model)
-        make = GRPOBatches(cfg, logps_model, tokenizer, rewards, stage.adapter_name, server_sampler(cfg, stage))
+        make = GRPOBatches(cfg, logps_model, tokenizer, rewards, stage.adapter_name)
     else:
         logps_model = SequenceLogprobs(model)
         make = OnlineDPOBatches(cfg, model, tokenizer, rewards)

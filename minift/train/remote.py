@@ -59,11 +59,6 @@ def tis_weights(logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Te
     return ratio.clamp(max=cap), stats
 
 
-def server_sampler(cfg, stage) -> ServerSampler | None:
-    """The run's server sampler with ``--rollout_backend server`` (after the stage loaded the model), else None."""
-    return ServerSampler(cfg, stage.weights, stage.accelerator) if cfg.rollout_backend == "server" else None
-
-
 class ServerSampler:
     """``sampler(prompt_ids, params, n)`` -> completions, as :func:`~minift.train.sampling.sample` returns them,
     drawn by the server from the policy's current adapter. :meth:`at` tells it where the run stands (called by

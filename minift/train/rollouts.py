@@ -96,17 +96,18 @@ class Rollouts:
     ``row_seed(seeds[i], j)``). ``batch``: ``input_ids``, ``attention_mask``, ``labels``, ``sampler_logps`` (the
     sampler's log-probs of the completion tokens at temperature 1, ``(B, T - 1)`` as
     :class:`~minift.train.forward.TokenLogprobs` lays them out), ``rewards`` (the weighted total, ``(B,)``) and
-    ``truncated`` (completions cut at ``max_new_tokens``). With a ``server`` (:class:`ServerSampler`) the server
-    samples and ``sampler_logps`` are its own. ``metrics``: each reward's mean and
+    ``truncated`` (completions cut at ``max_new_tokens``). With a ``server`` (:class:`ServerSampler`, which the
+    stage sets) the server samples and ``sampler_logps`` are its own. ``metrics``: each reward's mean and
     std, completion length mean and max, the share truncated, seconds sampling (``generate_s``) and in all
     (``rollout_s``: sampling and rewards), sampled tokens/s; with dynamic sampling also the first draw's share
     of informative groups and the refills made; from a server, ``staleness`` and ``adapter_sync_s``.
     """
 
     def __init__(self, model, tokenizer, rewards: Rewards, params: SamplingParams, group_size: int, *,
-                 dynamic_sampling: bool = False, max_refills: int = 4, server: ServerSampler | None = None):
+                 dynamic_sampling: bool = False, max_refills: int = 4):
         self.model, self.tokenizer, self.rewards, self.params, self.G = model, tokenizer, rewards, params, group_size
-        self.dynamic_sampling, self.max_refills, self.server = dynamic_sampling, max_refills, server
+        self.dynamic_sampling, self.max_refills = dynamic_sampling, max_refills
+        self.server: ServerSampler | None = None  # set by Stage.online_batches with --rollout_backend server
         self.sampling_s = 0.0  # seconds in the sampler (or waiting for the server), all calls
 
     def _request(self, prompts: list[dict], seeds: list[int]) -> tuple[list[list[int]], list[SamplingParams]]:

@@ -61,7 +61,7 @@ from minift.train.outputs import (
     write_model_card,
     write_run_json,
 )
-from minift.train.remote import RolloutServerError
+from minift.train.remote import RolloutServerError, ServerSampler
 from minift.train.rewards import RewardError
 from minift.train.setup import (
     close_processes,
@@ -170,10 +170,13 @@ class Stage:
 
     def online_batches(self, prompts: list, make_batch, *, what: str = "prompts") -> OnlineBatches:
         """Micro-batches made during training from ``prompts`` (see :class:`~minift.train.batches.OnlineBatches`):
-        ``cfg.batch_plan()`` says how many prompts each holds and for how many optimizer steps a window serves."""
+        ``cfg.batch_plan()`` says how many prompts each holds and for how many optimizer steps a window serves. With
+        ``--rollout_backend server`` the maker's ``rollouts`` get their server sampler here (after the model loads)."""
         per_device, repeats = self.cfg.batch_plan()
         check_enough_rows(len(prompts), self.cfg, self.accelerator.num_processes, what, per_device)
         rollouts = getattr(make_batch, "rollouts", None)
+        if rollouts is not None and getattr(self.cfg, "rollout_backend", "local") == "server":
+            rollouts.server = ServerSampler(self.cfg, self.weights, self.accelerator)  # minift.train.remote
         return OnlineBatches(prompts, per_device, self.accelerator.num_processes, self.accelerator.process_index,
                              self.cfg.seed, make_batch, accumulation=self.cfg.gradient_accumulation_steps,
                              repeats=repeats, follow=rollouts.at if rollouts is not None else None)
