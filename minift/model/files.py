@@ -61,6 +61,17 @@ def check_model_dir(model_dir: str | Path) -> None:
         check_safetensors(path)
 
 
+def save_on_any_process(model, out_dir: str | Path) -> None:
+    """``model.save_pretrained(out_dir)`` from whichever process calls it. Inside a process group transformers
+    writes the weights from rank 0 only (the tokenizer and config from every rank), so a cache that each process
+    of a launch builds for itself (the tiny model, a dequantized GGUF) lacked its weights on the other ranks."""
+    model.should_save_on_this_rank = lambda is_main_process: True
+    try:
+        model.save_pretrained(out_dir)
+    finally:
+        del model.should_save_on_this_rank
+
+
 def set_usual_modes(path: str | Path) -> None:
     """Give ``path`` and everything under it the modes the umask allows (0644 / 0755 under umask 022).
 

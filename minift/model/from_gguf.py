@@ -23,7 +23,7 @@ from pathlib import Path
 
 from minift.config import ConfigError
 from minift.export.gguf.reader import READABLE_TYPES, GGUFFormatError, missing_bytes, read_header
-from minift.model.files import set_usual_modes
+from minift.model.files import save_on_any_process, set_usual_modes
 
 logger = logging.getLogger(__name__)
 _FP32_LIMIT = 2_000_000_000  # parameters: up to here the cache keeps the exact dequantized float32 weights
@@ -120,6 +120,6 @@ def _dequantize(path: Path, out: Path, dtype) -> None:
     del model.config.quantization_config
     model.hf_quantizer, model.is_quantized = None, False
     model.config.name_or_path = str(path)
-    model.save_pretrained(out)
+    save_on_any_process(model, out)
     tokenizer.save_pretrained(out)
     (out / "SOURCE").write_text(f"dequantized by minift from {path}\n", encoding="utf-8")

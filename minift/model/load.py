@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from minift.data.encode import CHATML_TEMPLATE
-from minift.model.files import check_model_dir, set_usual_modes
+from minift.model.files import check_model_dir, save_on_any_process, set_usual_modes
 from minift.model.from_gguf import gguf_model_dir, is_gguf_file
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def build_tiny_model(out_dir: str | Path, corpus: str | None = None) -> None:
         # std 0.5 leaves room for confident predictions, so LoRA alone learns the demo task.
         model.lm_head.weight.mul_(5.0)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir)
+    save_on_any_process(model, out_dir)
     tokenizer.save_pretrained(out_dir)
 
 
