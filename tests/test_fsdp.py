@@ -3,7 +3,7 @@ recipes/configs/accelerate_fsdp_cpu.yaml RECIPE``. Accelerate ignores FSDP on CP
 (minift/train/sharding.py); each run here equals 1 process with twice the batch: SFT with LoRA and in full, DPO
 with the reference as the adapter switched off, GRPO, and on-policy distillation from a teacher outside the
 sharded module. A sharded full fine-tune killed after a checkpoint resumes to the uninterrupted run's weights.
-A launch FSDP cannot serve here fails before any weights load, with one clear line."""
+A launch FSDP cannot serve here (or a GPU launch on this machine) fails before any weights load, with one line."""
 from __future__ import annotations
 
 import json
@@ -182,18 +182,23 @@ def test_a_launch_fsdp_cannot_serve_is_one_clear_error(sft_data, tmp_path, tiny_
     assert "Loading weights" not in proc.stderr
 
 
-def test_deepspeed_on_cpu_processes_is_one_clear_error(sft_data, tmp_path, tiny_dir):
-    """What ``accelerate launch`` with a DeepSpeed config tells each process (ACCELERATE_USE_DEEPSPEED), on CPU:
-    refused, rather than run as DDP with the config ignored (DeepSpeed itself need not be installed for this)."""
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(RECIPES / "sft.py"), *map(str, sft_args(sft_data, 2, "--max_steps", "2")),
-                           "--output_dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "ACCELERATE_USE_DEEPSPEED": "true"})
-    assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors and "DeepSpeed on CPU processes is not supported" in errors[0] and set(errors) == {errors[0]}, \
-        proc.stderr[-2000:]
-    assert "accelerate_fsdp_cpu.yaml" in errors[0] and "Loading weights" not in proc.stderr
+def test_a_gpu_launch_on_a_machine_without_one_is_one_clear_error(sft_data, tmp_path, tiny_dir):
+    """The shipped GPU config (processes = GPUs) with more processes than this machine has cores, and fp16 (CUDA's
+    loss scaling) in one process: each refused with one line before any weights load."""
+    cores = len(os.sched_getaffinity(0))
+    launch_ = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                              str(RECIPES / "configs" / "accelerate_ddp.yaml"), "--num_processes", str(cores + 1),
+                              str(RECIPES / "sft.py"), *map(str, sft_args(sft_data, 2, "--max_steps", "2")),
+                              "--output_dir", str(tmp_path / "ddp")], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+    fp16 = subprocess.run([sys.executable, str(RECIPES / "sft.py"), "--mixed_precision", "fp16", "--output_dir",
+                           str(tmp_path / "fp16")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    for proc, message in ((launch_, f"starts {cores + 1} processes on a machine with no GPU and {cores} CPU cores"),
+                          (fp16, "fp16 mixed precision needs a GPU")):
+        assert proc.returncode != 0
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert errors and message in errors[0] and set(errors) == {errors[0]}, proc.stderr[-2000:]
+        assert "Loading weights" not in proc.stderr
 
 
 def test_reward_model_sharded_equals_one_process(tmp_path, tiny_dir):

@@ -47,7 +47,8 @@ DEMO = "pip install torch==2.13.0 && pip install -e . && minift sft_dpo"
 DRY = ("pipeline.py", "cot_distill.py")
 FEW_STEPS = ["--max_steps", "2", "--logging_steps", "1", "--overwrite_output_dir", "true", "--answer_eval_dataset",
              "none"]
-LAUNCHER_FLAGS = {"--multi_gpu": 0, "--num_processes": 1, "--config_file": 1, "--num_cpu_threads_per_process": 1}
+LAUNCHER_FLAGS = {"--multi_gpu": 0, "--num_processes": 1, "--config_file": 1, "--num_cpu_threads_per_process": 1,
+                  "--mixed_precision": 1}
 
 
 def free_port() -> int:

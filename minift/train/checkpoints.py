@@ -28,6 +28,9 @@ from minift.train.sharding import (
     optimizer_state,
     whole_state_dict,
 )
+from minift.train.zero import load_optimizer_state as load_zero_optimizer_state
+from minift.train.zero import optimizer_state as zero_optimizer_state
+from minift.train.zero import uses_deepspeed
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +64,10 @@ def save_checkpoint(accelerator, output_dir: str | Path, weights: "Weights", opt
     from accelerate.utils import gather_object
 
     rng_states = gather_object([_rng_state()])
-    optimizer_dict = optimizer_state(weights.model, optimizer)  # every process: gathered whole when sharded
+    if uses_deepspeed(accelerator):  # every process's ZeRO partition, in a list
+        optimizer_dict = zero_optimizer_state(accelerator, optimizer)
+    else:  # every process: gathered whole when sharded
+        optimizer_dict = optimizer_state(weights.model, optimizer)
     path = Path(output_dir) / f"checkpoint-{state['step']}"
     with gathered(weights.model):
         if accelerator.is_main_process:
@@ -263,7 +269,11 @@ def check_same_run(path: Path, settings: dict) -> None:
 def load_checkpoint(path: Path, accelerator, model: nn.Module, optimizer, scheduler) -> dict:
     """Restore the optimizer (of ``model``'s weights, which :meth:`Weights.load` restored before any sharding),
     scheduler and this process's RNG; return the trainer state."""
-    load_optimizer_state(model, optimizer, torch.load(path / "optimizer.pt", weights_only=True))
+    optimizer_dict = torch.load(path / "optimizer.pt", weights_only=True)
+    if uses_deepspeed(accelerator):
+        load_zero_optimizer_state(optimizer, optimizer_dict)
+    else:
+        load_optimizer_state(model, optimizer, optimizer_dict)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
     _set_rng_state(rng[accelerator.process_index])

@@ -20,32 +20,61 @@ from minift.model.attention import use_document_attention
 from minift.model.load import load_model
 from minift.sections import TrainConfig
 from minift.train.sharding import check_cpu_launch
+from minift.train.zero import check_launch, deepspeed_launch, load_whole
 
 logger = logging.getLogger(__name__)
+
+
+def has_device() -> bool:
+    """Whether this machine has a GPU (or another accelerator PyTorch drives)."""
+    return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
 
 
 def cpu_process_group() -> bool:
     """Whether to ask Accelerate for the CPU: it only sets up a CPU process group (gloo) when asked, and without
     one, processes started by torchrun / `accelerate launch` on a machine without a GPU each run alone."""
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    return launched and not has_device
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_device()
+
+
+def check_cpu_machine(cfg: TrainConfig) -> None:
+    """What only a GPU can run, refused on a machine without one before anything loads: fp16 (its loss scaling
+    is CUDA's), and a launch of more processes than the machine has cores (a GPU config's num_processes counts
+    GPUs: recipes/configs/accelerate_ddp.yaml starts 8)."""
+    if cfg.mixed_precision == "fp16" or os.environ.get("ACCELERATE_MIXED_PRECISION") == "fp16":
+        raise ConfigError("fp16 mixed precision needs a GPU (its loss scaling is CUDA's) and this machine has none; "
+                          "use --mixed_precision bf16 (fast on CPUs with AVX-512 BF16 / AMX) or no")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if processes > cores:
+        raise ConfigError(f"this launch starts {processes} processes on a machine with no GPU and {cores} CPU cores: "
+                          f"the Accelerate config is written for GPUs (its num_processes counts GPUs). On CPUs "
+                          f"launch at most {cores} processes (accelerate launch --num_processes {cores} ...), or "
+                          f"with recipes/configs/accelerate_fsdp_cpu.yaml")
 
 
 def make_accelerator(cfg: TrainConfig):
     """An Accelerator with the configured (or launcher-given) mixed precision and trackers; seeds everything."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
 
-    cpu = cpu_process_group()
-    if cpu:  # before Accelerate reads the FSDP settings (it refuses some on CPU with a traceback)
+    cpu, handlers = cpu_process_group(), []
+    if not has_device():
+        check_cpu_machine(cfg)
+    if deepspeed_launch():
+        check_launch(cfg, cpu=cpu)
+        if cpu:  # Accelerate's DeepSpeed path (not its MULTI_CPU one) over gloo: DeepSpeed's CPU accelerator
+            cpu, handlers = False, [InitProcessGroupKwargs(backend="gloo")]
+    elif cpu:  # before Accelerate reads the FSDP settings (it refuses some on CPU with a traceback)
         check_cpu_launch(cfg)
     accelerator = Accelerator(
         cpu=cpu,
+        kwargs_handlers=handlers,
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=cfg.output_dir,
     )
+    if deepspeed_launch():
+        load_whole()
     set_seed(cfg.seed)
     bf16 = accelerator.mixed_precision == "bf16" or cfg.dtype == "bfloat16"
     if bf16 and accelerator.device.type == "cpu" and not cpu_has_native_bf16():

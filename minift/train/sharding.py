@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from minift.config import ConfigError
+from minift.train.zero import gathered as zero_gathered
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +50,6 @@ def needs_own_sharding(accelerator) -> bool:
 def check_cpu_launch(cfg) -> None:
     """What an Accelerate config asks of CPU processes that minift cannot do, said before any weights load."""
     env = os.environ
-    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        raise ConfigError("DeepSpeed on CPU processes is not supported: minift sets CPU processes up as Accelerate's "
-                          "MULTI_CPU, which would silently ignore the DeepSpeed config and run DDP. Shard with FSDP "
-                          "instead: accelerate launch --config_file recipes/configs/accelerate_fsdp_cpu.yaml ...")
     if not fsdp_launch():
         return
     if env.get("FSDP_VERSION", "2") != "2":
@@ -143,11 +140,16 @@ def gathered(model: nn.Module):
     """Every weight of a sharded ``model`` whole on this process, for the block: forwards there run without
     collectives (each process may run its own), and the parameters are plain tensors (saving reads them).
     Every process must enter it (the all-gather is a collective); nested blocks are free. Writes to the
-    weights inside are lost when it ends. A model that is not sharded: nothing happens."""
+    weights inside are lost when it ends. A model that is not sharded: nothing happens. A model under DeepSpeed
+    ZeRO-3: its parameters gathered the same way (:func:`minift.train.zero.gathered`)."""
     from torch.distributed.fsdp import FSDPModule
 
     root, reshard = _ROOTS.get(model, (None, True))
-    if root is None or id(root) in _GATHERED:
+    if root is None:
+        with zero_gathered(model):  # DeepSpeed ZeRO-3 partitions parameters its own way
+            yield
+        return
+    if id(root) in _GATHERED:
         yield
         return
     units = [m for m in root.modules() if isinstance(m, FSDPModule)]

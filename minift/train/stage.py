@@ -72,6 +72,8 @@ from minift.train.setup import (
     make_scheduler,
 )
 from minift.train.sharding import gathered, needs_own_sharding, register, shard
+from minift.train.zero import prepare_engine, uses_deepspeed
+from minift.train.zero import step as deepspeed_step
 
 logger = logging.getLogger(__name__)
 RUN_OUTPUTS = ("metrics.jsonl", "run.json", "loss.png", "adapter", "model", "merged")
@@ -197,6 +199,9 @@ class Stage:
         if needs_own_sharding(self.accelerator):
             shard(self.model, wrapper, mixed_precision=self.accelerator.mixed_precision)
             self.wrapper, self.optimizer = wrapper, self.accelerator.prepare(make_optimizer(cfg, self.model))
+        elif uses_deepspeed(self.accelerator):  # with minift's batch, accumulation and clipping
+            self.wrapper, self.optimizer = prepare_engine(self.accelerator, cfg, self.model, wrapper,
+                                                          make_optimizer(cfg, self.model))
         else:
             self.wrapper, self.optimizer = self.accelerator.prepare(wrapper, make_optimizer(cfg, self.model))
             if self.accelerator.is_fsdp2:  # GPUs: Accelerate sharded it (untested here: no GPU)
@@ -273,11 +278,14 @@ class Stage:
             record["generate_share"] = (rollouts.sampling_s - self.sampled) / (now - self.clock)
             self.clock, self.sampled = now, rollouts.sampling_s
         self.health.check_loss(loss, step)
-        grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        if uses_deepspeed(self.accelerator):  # the engine reduces, clips and steps in one call
+            grad_norm = deepspeed_step(self.accelerator)
+        else:
+            grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm else None
         if hasattr(grad_norm, "full_tensor"):  # a sharded model's
             grad_norm = grad_norm.full_tensor()
         self.health.check_gradient(grad_norm, step)
-        self.optimizer.step()
+        self.optimizer.step()  # under DeepSpeed a no-op (stepped above)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         state["step"], self.last_record = step, record

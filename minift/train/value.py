@@ -14,6 +14,7 @@ from minift.lora.config import LoraConfig
 from minift.lora.layers import apply_lora, disable_adapters, set_trainable
 from minift.train.checkpoints import Weights
 from minift.train.forward import TokenLogprobs
+from minift.train.zero import uses_deepspeed
 
 VALUE_ADAPTER = "value"
 
@@ -81,7 +82,7 @@ def average_gradients(accelerator, module: nn.Module) -> None:
     """Average the gradients of ``module``'s trainable parameters over the processes, in one all-reduce: for a step
     whose backward passes all ran under ``accelerator.no_sync`` because each pass leaves some parameters unused
     (DDP's own reduction leaves a parameter that no process used in the synced pass untouched)."""
-    if accelerator.num_processes == 1:
+    if accelerator.num_processes == 1 or uses_deepspeed(accelerator):  # DeepSpeed reduces every gradient at its step
         return
     grads = [p.grad for p in module.parameters() if p.requires_grad and p.grad is not None]
     flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), "mean")
