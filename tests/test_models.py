@@ -28,6 +28,24 @@ def test_tiny_build_is_bit_identical(tmp_path, tiny_dir):
         assert (tmp_path / "again" / name).read_bytes() == (tiny_dir / name).read_bytes(), name
 
 
+def test_a_model_built_by_any_rank_of_a_process_group_keeps_its_weights(tmp_path, tiny_dir):
+    """transformers writes save_pretrained's weights from rank 0 only when a process group exists; the tiny model
+    built by rank 1 (each process of a first launch builds its own cache) must still be whole."""
+    script = tmp_path / "build.py"
+    script.write_text("import sys, torch.distributed as dist\n"
+                      "from minift.model.load import build_tiny_model\n"
+                      "dist.init_process_group('gloo')\n"
+                      "if dist.get_rank() == 1:\n"
+                      "    build_tiny_model(sys.argv[1])\n"
+                      "dist.barrier()\n"
+                      "dist.destroy_process_group()\n")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                    str(tmp_path / "built")], check=True, capture_output=True, timeout=180)
+    built = sorted(p.name for p in (tmp_path / "built").iterdir())
+    assert built == sorted(p.name for p in tiny_dir.iterdir()) and "model.safetensors" in built
+    assert (tmp_path / "built" / "model.safetensors").read_bytes() == (tiny_dir / "model.safetensors").read_bytes()
+
+
 def test_tiny_resolves_to_cache_and_loads(tiny_dir, minift_cache):
     assert tiny_model_dir() == tiny_dir and tiny_dir.parent == minift_cache
     model, tokenizer = load_model_and_tokenizer("tiny")
