@@ -2,8 +2,8 @@
 configs as users launch them: ``accelerate launch --config_file recipes/configs/accelerate_zero3.yaml
 --num_processes 2 --mixed_precision no RECIPE``. minift runs the engine without its own accumulation
 (minift/train/zero.py); each run equals 1 process with twice the batch: SFT with LoRA and in full, DPO with the
-reference as the adapter switched off, GRPO. A ZeRO-3 full fine-tune killed after a checkpoint resumes to the
-uninterrupted run's weights. A launch DeepSpeed cannot serve here fails before any weights load, with one line."""
+reference as the adapter switched off, GRPO, PPO. A ZeRO-3 full fine-tune killed after a checkpoint resumes to
+the uninterrupted run's weights. A launch DeepSpeed cannot serve here fails before any weights load, with one line."""
 from __future__ import annotations
 
 import json
@@ -141,19 +141,41 @@ def test_zero3_grpo_equals_one_process(weak_sft, tmp_path):
     assert two["answer_accuracy"] == pytest.approx(one["answer_accuracy"], abs=0.02)  # a near tie may flip one
 
 
-@pytest.mark.parametrize("old, new, args, message", [
-    ("", "", ["--use_4bit", "true"], "DeepSpeed cannot train a bitsandbytes-quantized base"),
-    ("gradient_accumulation_steps: 1", "gradient_accumulation_steps: 4", [],
+@pytest.mark.parametrize("zero, value_model", [(2, "adapter"), (3, "shared")])
+def test_ppo_equals_one_process(weak_sft, tmp_path, zero, value_model):
+    """PPO's value adapter (two backward passes a micro-batch) under ZeRO-2; its shared value function under ZeRO-3,
+    where the batch maker's own forwards read the LM head as a tensor (gathered with them as an external
+    parameter). ZeRO-3 with the value adapter is refused (below)."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join((RECIPES / "data" / "demo_prompts.jsonl").read_text().splitlines(True)[:64]))
+    args = ["--init_adapter", weak_sft[0], "--dataset_name_or_path", data, "--answer_eval_dataset", "none",
+            "--logging_steps", "1", "--target_kl", "0.01", "--kl_horizon", "100", "--missing_eos_penalty", "1",
+            "--max_steps", "4", "--ppo_epochs", "2", "--value_model", value_model]
+    launch(zero, "ppo", [*args, "--per_device_train_batch_size", "8"], tmp_path / "two")
+    alone("ppo", [*args, "--per_device_train_batch_size", "16"], tmp_path / "one")
+    assert_same_log(tmp_path / "two", tmp_path / "one", ("reward", "kl_coef", "loss", "value_loss", "grad_norm"))
+    assert max(logged(tmp_path / "one", "reward").values()) > 0
+    assert_same_adapter(tmp_path / "two" / "adapter", tmp_path / "one" / "adapter", atol=1e-5)
+    if value_model == "adapter":
+        assert_same_adapter(tmp_path / "two" / "adapter_value", tmp_path / "one" / "adapter_value", atol=1e-5)
+
+
+@pytest.mark.parametrize("zero, old, new, recipe, args, message", [
+    (2, "", "", "sft", ["--use_4bit", "true"], "DeepSpeed cannot train a bitsandbytes-quantized base"),
+    (2, "gradient_accumulation_steps: 1", "gradient_accumulation_steps: 4", "sft", [],
      "pass --gradient_accumulation_steps 4 to the recipe"),
-    ("gradient_clipping: 1.0", "gradient_clipping: 0.5", [], "clips gradients at 0.5, the recipe at --max_grad_norm"),
-    ("offload_optimizer_device: none", "offload_optimizer_device: cpu", [],
+    (2, "gradient_clipping: 1.0", "gradient_clipping: 0.5", "sft", [],
+     "clips gradients at 0.5, the recipe at --max_grad_norm"),
+    (2, "offload_optimizer_device: none", "offload_optimizer_device: cpu", "sft", [],
      "offload_optimizer_device cpu offloads from a GPU"),
+    (3, "", "", "ppo", ["--value_model", "adapter"], "PPO's value adapter"),
 ])
-def test_a_launch_deepspeed_cannot_serve_is_one_clear_error(sft_data, tmp_path, tiny_dir, old, new, args, message):
+def test_a_launch_deepspeed_cannot_serve_is_one_clear_error(sft_data, tmp_path, tiny_dir, zero, old, new, recipe, args,
+                                                           message):
     config = tmp_path / "zero.yaml"
-    config.write_text((CONFIGS / "accelerate_zero2.yaml").read_text().replace(old, new))
-    proc = launch(2, "sft", [*sft_args(sft_data, 2, "--max_steps", "2"), *args], tmp_path / "out", config=config,
-                  check=False)
+    config.write_text((CONFIGS / f"accelerate_zero{zero}.yaml").read_text().replace(old, new))
+    recipe_args = sft_args(sft_data, 2, "--max_steps", "2") if recipe == "sft" else ["--max_steps", "2"]
+    proc = launch(zero, recipe, [*recipe_args, *args], tmp_path / "out", config=config, check=False)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors and message in errors[0] and set(errors) == {errors[0]}, proc.stderr[-2000:]

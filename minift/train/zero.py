@@ -59,6 +59,10 @@ def check_launch(cfg, *, cpu: bool) -> None:
         raise ConfigError(f"the DeepSpeed config clips gradients at {clipping}, the recipe at --max_grad_norm "
                           f"{cfg.max_grad_norm}; make them agree (or drop gradient_clipping from the Accelerate "
                           f"config: --max_grad_norm decides)")
+    if getattr(cfg, "value_model", None) == "adapter" and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        raise ConfigError("PPO's value adapter (two backward passes a micro-batch, each leaving the other adapter "
+                          "unused) does not train under ZeRO-3 as it does alone (measured: the second step's "
+                          "gradients differ by 2%); use ZeRO-2 or FSDP, or --value_model shared")
     if cpu:
         for what in ("OPTIMIZER", "PARAM"):
             device = env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{what}_DEVICE", "none")
@@ -91,6 +95,17 @@ def prepare_engine(accelerator, cfg, model, wrapper, optimizer):
     accelerator.deepspeed_engine_wrapped = Accumulate(engine)
     if engine.zero_optimization_stage() == 3:
         _ENGINES[model] = engine
+        # ZeRO-3 gathers a module's weights as its forward starts; the LM head's (and a teacher head's, held beside
+        # the model) are read as tensors by the losses (minift.losses.lm_head) in the forwards of the wrapper's own
+        # modules (a loss, a log-prob module), so each of those gathers them.
+        import deepspeed
+
+        inside = {id(m) for m in model.modules()}
+        own = {id(p) for p in model.parameters()}
+        read = [*model.get_output_embeddings().parameters(), *(p for p in wrapper.parameters() if id(p) not in own)]
+        for module in (m for m in wrapper.modules() if id(m) not in inside):
+            for param in read:
+                deepspeed.zero.register_external_parameter(module, param)
     return engine, optimizer
 
 
