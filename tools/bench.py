@@ -82,9 +82,9 @@ pipeline ``python tools/bench.py pipeline [--reps 3] [--config recipes/configs/p
       fresh processes: the plan after the imports (goal < 5 s, no weights file opened) and the whole command; see
       ``tools/bench_pipeline.py``.
 shard ``python tools/bench.py shard [--steps 3] [--seq 128]``
-      A full fine-tune of SmolLM2 on 2 CPU processes, launched with DDP and with FSDP
-      (recipes/configs/accelerate_fsdp_cpu.yaml): peak RSS per process and its growth over a process holding the
-      loaded model (goal: FSDP <= 0.6x DDP's growth); see ``tools/bench_shard.py``.
+      A full fine-tune of SmolLM2 on 2 CPU processes, launched with DDP, FSDP
+      (recipes/configs/accelerate_fsdp_cpu.yaml) and DeepSpeed ZeRO-2 / 3: peak RSS per process and its growth over
+      a process holding the loaded model (goal: FSDP <= 0.6x DDP's growth); see ``tools/bench_shard.py``.
 """
 
 from __future__ import annotations

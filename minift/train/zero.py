@@ -86,6 +86,9 @@ def prepare_engine(accelerator, cfg, model, wrapper, optimizer):
     zero = config.setdefault("zero_optimization", {})
     if zero.get("stage", 0) == 3:
         zero["overlap_comm"] = False  # DeepSpeed allows overlap only at ZeRO-2 when it does not manage accumulation
+    from minift.train.sharding import return_freed_memory
+
+    return_freed_memory()  # gathered weights come and go here too (minift.train.sharding)
     engine, optimizer = accelerator.prepare(wrapper, optimizer)
 
     class Accumulate(DeepSpeedEngineWrapper):
