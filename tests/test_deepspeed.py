@@ -1,9 +1,10 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU processes (DeepSpeed's CPU accelerator over gloo), launched with the shipped
 configs as users launch them: ``accelerate launch --config_file recipes/configs/accelerate_zero3.yaml
---num_processes 2 --mixed_precision no RECIPE``. minift runs the engine without its own accumulation
+--num_processes 2 --mixed_precision no RECIPE``. The engine leaves gradient accumulation to minift
 (minift/train/zero.py); each run equals 1 process with twice the batch: SFT with LoRA and in full, DPO with the
-reference as the adapter switched off, GRPO, PPO. A ZeRO-3 full fine-tune killed after a checkpoint resumes to
-the uninterrupted run's weights. A launch DeepSpeed cannot serve here fails before any weights load, with one line."""
+reference as the adapter switched off, GRPO, PPO, on-policy distillation. A ZeRO-3 full fine-tune killed after a
+checkpoint resumes to the uninterrupted run's weights. A launch DeepSpeed cannot serve here fails before any
+weights load, with one line."""
 from __future__ import annotations
 
 import json
@@ -139,6 +140,18 @@ def test_zero3_grpo_equals_one_process(weak_sft, tmp_path):
     two, one = (json.loads((tmp_path / run / "run.json").read_text())["metrics"] for run in ("two", "one"))
     assert two["answer_accuracy_before"] == one["answer_accuracy_before"] > 0  # the same start, measured whole
     assert two["answer_accuracy"] == pytest.approx(one["answer_accuracy"], abs=0.02)  # a near tie may flip one
+
+
+def test_zero3_on_policy_distillation_with_the_teacher_beside_equals_one_process(sft_data, gpt2_dir, tmp_path):
+    """A GPT-2 teacher, its head held beside the student in the engine's module (read as a tensor by the loss: an
+    external parameter), and half the completions sampled by the student with its weights gathered."""
+    args = ["--teacher_model_name_or_path", gpt2_dir, "--mode", "on_policy", "--lmbda", "0.5",
+            "--max_completion_length", "8", *sft_args(sft_data, 2)[:-2], "--max_steps", "4", "--lora_r", "8",
+            "--lora_alpha", "16"]
+    launch(3, "distill", [*args, "--per_device_train_batch_size", "2"], tmp_path / "two")
+    alone("distill", [*args, "--per_device_train_batch_size", "4"], tmp_path / "one")
+    assert_same_log(tmp_path / "two", tmp_path / "one", ("loss", "grad_norm", "sampled_share", "eval_kl"))
+    assert_same_adapter(tmp_path / "two" / "adapter", tmp_path / "one" / "adapter", atol=1e-5)
 
 
 @pytest.mark.parametrize("zero, value_model", [(2, "adapter"), (3, "shared")])
