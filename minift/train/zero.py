@@ -60,9 +60,11 @@ def check_launch(cfg, *, cpu: bool) -> None:
                           f"{cfg.max_grad_norm}; make them agree (or drop gradient_clipping from the Accelerate "
                           f"config: --max_grad_norm decides)")
     if getattr(cfg, "value_model", None) == "adapter" and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-        raise ConfigError("PPO's value adapter (two backward passes a micro-batch, each leaving the other adapter "
-                          "unused) does not train under ZeRO-3 as it does alone (measured: the second step's "
-                          "gradients differ by 2%); use ZeRO-2 or FSDP, or --value_model shared")
+        raise ConfigError("PPO's value adapter does not train correctly under ZeRO-3: its second backward pass of "
+                          "each micro-batch is the first to reach the value adapter, and ZeRO-3 adds a later pass's "
+                          "gradients onto the buffer its first pass would have reset, so the previous step's "
+                          "gradients stay in (measured: the second step's gradient norm 2% off); use ZeRO-2 or "
+                          "FSDP, or --value_model shared")
     if cpu:
         for what in ("OPTIMIZER", "PARAM"):
             device = env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{what}_DEVICE", "none")
