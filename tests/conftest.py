@@ -137,9 +137,11 @@ def assert_same_adapter(a_dir, b_dir, atol: float = 1e-5) -> None:
 # ----------------------------------------------------------------------------- killing a run mid-training
 
 
-def sigkill_when(victim: subprocess.Popen, marker: Path, timeout: float = 240) -> None:
+def sigkill_when(victim: subprocess.Popen, marker: Path, timeout: float = 240, *, group: bool = False) -> None:
     """SIGKILL ``victim`` as soon as ``marker`` (a checkpoint's trainer_state.json) exists; fail if the run
-    exits first or the marker does not appear within ``timeout`` s. The process is gone afterwards."""
+    exits first or the marker does not appear within ``timeout`` s. The process is gone afterwards. ``group``:
+    kill its whole process group at once (a launcher and its ranks, started with ``start_new_session``), as when
+    a node dies."""
     try:
         deadline = time.monotonic() + timeout
         while not marker.exists():
@@ -148,7 +150,7 @@ def sigkill_when(victim: subprocess.Popen, marker: Path, timeout: float = 240) -
             if time.monotonic() > deadline:
                 pytest.fail(f"{marker.parent.name} did not appear within {timeout:.0f} s")
             time.sleep(0.005)
-        os.kill(victim.pid, signal.SIGKILL)
+        (os.killpg if group else os.kill)(victim.pid, signal.SIGKILL)
         assert victim.wait(timeout=30) == -signal.SIGKILL
     finally:
         if victim.poll() is None:

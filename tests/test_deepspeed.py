@@ -8,17 +8,14 @@ weights load, with one line."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_adapter, logged
+from conftest import assert_same_adapter, logged, sigkill_when
 from test_fsdp import alone, assert_same_log, model_weights, sft_args
 
 pytestmark = pytest.mark.slow
@@ -87,15 +84,7 @@ def test_zero3_sft_full_equals_one_process_and_resumes_after_sigkill(sft_data, t
     killed = tmp_path / "killed"
     victim = subprocess.Popen([*launcher(3), str(RECIPES / "sft.py"), *map(str, args), "--output_dir", str(killed)],
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 240
-    try:
-        while not (killed / "checkpoint-4" / "trainer_state.json").exists():
-            assert victim.poll() is None, "the run exited before checkpoint-4"
-            assert time.monotonic() < deadline, "checkpoint-4 did not appear"
-            time.sleep(0.005)
-    finally:
-        os.killpg(victim.pid, signal.SIGKILL)
-        victim.wait(timeout=60)
+    sigkill_when(victim, killed / "checkpoint-4" / "trainer_state.json", group=True)
     assert not (killed / "model").exists(), "the run finished before SIGKILL landed"
     resumed = launch(3, "sft", [*args, "--resume_from_checkpoint", "auto"], killed)
     assert "resumed from" in resumed.stderr

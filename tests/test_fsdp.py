@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_adapter, logged
+from conftest import assert_same_adapter, logged, sigkill_when
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -104,15 +102,7 @@ def test_sft_full_sharded_equals_one_process_and_resumes_after_sigkill(sft_data,
     victim = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CPU),
                                str(RECIPES / "sft.py"), *map(str, args), "--output_dir", str(killed)], cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 240
-    try:
-        while not (killed / "checkpoint-4" / "trainer_state.json").exists():
-            assert victim.poll() is None, "the run exited before checkpoint-4"
-            assert time.monotonic() < deadline, "checkpoint-4 did not appear"
-            time.sleep(0.005)
-    finally:
-        os.killpg(victim.pid, signal.SIGKILL)
-        victim.wait(timeout=60)
+    sigkill_when(victim, killed / "checkpoint-4" / "trainer_state.json", group=True)
     assert not (killed / "model").exists(), "the run finished before SIGKILL landed"
     resumed = launch("sft", [*args, "--resume_from_checkpoint", "auto"], killed)
     assert "resumed from" in resumed.stderr

@@ -57,10 +57,10 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, set_seed
 
-    cpu, handlers = cpu_process_group(), []
+    cpu, handlers, deepspeed = cpu_process_group(), [], deepspeed_launch()
     if not has_device():
         check_cpu_machine(cfg)
-    if deepspeed_launch():
+    if deepspeed:
         check_launch(cfg, cpu=cpu)
         if cpu:  # Accelerate's DeepSpeed path (not its MULTI_CPU one) over gloo: DeepSpeed's CPU accelerator
             cpu, handlers = False, [InitProcessGroupKwargs(backend="gloo")]
@@ -73,7 +73,7 @@ def make_accelerator(cfg: TrainConfig):
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=cfg.output_dir,
     )
-    if deepspeed_launch():
+    if deepspeed:
         load_whole()
     set_seed(cfg.seed)
     bf16 = accelerator.mixed_precision == "bf16" or cfg.dtype == "bfloat16"

@@ -136,8 +136,8 @@ def optimizer_state(accelerator, optimizer) -> list | None:
     object left out (minift's DeepSpeed runs do not scale losses)."""
     from accelerate.utils import gather_object
 
-    state = getattr(optimizer, "optimizer", optimizer).state_dict()
-    states = gather_object([{k: _plain(v) for k, v in state.items() if _plain(v) is not _OBJECT}])
+    plain = {k: _plain(v) for k, v in getattr(optimizer, "optimizer", optimizer).state_dict().items()}
+    states = gather_object([{k: v for k, v in plain.items() if v is not _OBJECT}])
     return states if accelerator.is_main_process else None
 
 
