@@ -28,6 +28,7 @@ from sft import SFTConfig, build_data, sft_step
 
 from minift.config import require
 from minift.data.packing import collate_flat, collate_padded, pack_examples
+from minift.lora.layers import folded_adapters
 from minift.model.vocab import shared_vocabulary
 from minift.train.forward import CausalLMLoss, DistillLoss
 from minift.train.sampling import SamplingParams, row_seed, sample
@@ -106,7 +107,8 @@ class OnPolicyBatches:
         picked = [k for k, yes in enumerate(own) if yes]
         params = [SamplingParams(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, seed=seeds[k])
                   for k in picked]
-        with gathered(self.model):  # every process, even one with nothing to sample (FSDP: a collective)
+        # every process, even one with nothing to sample (FSDP: a collective); adapters folded in for speed
+        with gathered(self.model), folded_adapters(self.model):
             sampled = sample(self.model, self.tokenizer, [prompt_of(rows[k]) for k in picked], params) if picked else []
         examples = [dict(row) for row in rows]
         for k, c in zip(picked, sampled):

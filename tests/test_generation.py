@@ -25,15 +25,17 @@ def texts(completions):
 
 
 def test_greedy_equals_transformers_generate(tiny_dir, gpt2_dir):
-    """Our KV-cache loop (left padding, rows leaving the batch as they end) gives HF generate's greedy tokens,
-    for Llama and GPT-2 (Conv1D, learned positions)."""
+    """Our KV-cache loop (left padding, rows leaving the batch as they end, a cache that grows 32 positions at a
+    time and is filled in place: 40 new tokens cross a boundary) gives HF generate's greedy tokens, for Llama and
+    GPT-2 (Conv1D, learned positions)."""
     for path in (tiny_dir, gpt2_dir):
         model, tok = load_model_and_tokenizer(str(path))
         prompts = [tok(p)["input_ids"] for p in PROMPTS]
-        ours = sample(model, tok, prompts, SamplingParams(max_new_tokens=20))
+        ours = sample(model, tok, prompts, SamplingParams(max_new_tokens=40))
+        assert max(len(p) + len(c.token_ids) for p, c in zip(prompts, ours)) > 32
         for p, c in zip(prompts, ours):
             ref = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                 max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
+                                 max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
             assert c.token_ids == ref[: len(c.token_ids)] and len(ref) == len(c.token_ids), path.name
 
 

@@ -14,6 +14,7 @@ from minift.lora.layers import (
     ModulesToSave,
     apply_lora,
     disable_adapters,
+    folded_adapters,
     lora_layers,
     merge_lora,
     set_trainable,
@@ -245,6 +246,33 @@ def test_disable_merged_adapter_is_an_error(llama):
     with pytest.raises(RuntimeError, match="unmerge"):
         with disable_adapters(llama):
             pass
+
+
+@pytest.mark.parametrize("case", ["linear", "dora", "conv1d", "bf16"])
+def test_folded_adapters_compute_the_adapted_model_and_give_the_weights_back_untouched(llama, gpt2, batch, case):
+    """The sampler's fold: inside the block each layer runs its base weight with the enabled adapters folded into a
+    copy (no adapter code), giving the adapted outputs; afterwards the very same base tensors are back, bit for bit
+    (an in-place merge + unmerge would round a bf16 base), and the adapters run unfolded again. A disabled adapter
+    stays out of the fold."""
+    model = gpt2 if case == "conv1d" else llama.to(torch.bfloat16) if case == "bf16" else llama
+    apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=case == "dora"))
+    apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), adapter_name="off")
+    randomize_b(model)
+    with disable_adapters(model):
+        plain = logits(model, batch).float()
+    with disable_adapters(model, ["off"]):
+        adapted = logits(model, batch)
+        assert not close(plain, adapted.float(), 0.1)  # the adapter is visible
+        bases = {name: layer.base_layer.weight.data for name, layer in lora_layers(model)}
+        snapshot = {name: w.clone() for name, w in bases.items()}
+        with folded_adapters(model):
+            assert all(layer.merged == ["default"] and layer.base_layer.weight.data is not bases[name]
+                       for name, layer in lora_layers(model))
+            assert close(logits(model, batch).float(), adapted.float(), 3e-2 if case == "bf16" else 1e-5)
+        for name, layer in lora_layers(model):
+            assert layer.base_layer.weight.data.data_ptr() == bases[name].data_ptr() and not layer.merged
+            assert torch.equal(layer.base_layer.weight.data, snapshot[name])
+        assert torch.equal(logits(model, batch), adapted)
 
 
 def test_unwrap_gives_plain_modules(llama, batch):

@@ -68,6 +68,7 @@ def prompt_ids(step: int) -> list[list[int]]:
 
 def worker_rollout(role: str, args: argparse.Namespace) -> dict:
     """Timed calls of one sampler: seconds and new tokens of 128-token calls, seconds of 1-token calls."""
+    from minift.lora.layers import folded_adapters
     from minift.train.sampling import SamplingParams, sample, stop_token_ids
 
     model, tokenizer = minift_sft_model(model_spec()).eval(), word_tokenizer(model_spec()["vocab_size"])
@@ -76,7 +77,8 @@ def worker_rollout(role: str, args: argparse.Namespace) -> dict:
     def call(prompts: list[list[int]], new: int) -> int:
         if role == "rollout-minift":
             params = [SamplingParams(max_new_tokens=new, temperature=1.0, seed=i) for i in range(len(prompts))]
-            return sum(len(c.token_ids) for c in sample(model, tokenizer, prompts, params, n=G))
+            with folded_adapters(model):  # as the rollouts sample
+                return sum(len(c.token_ids) for c in sample(model, tokenizer, prompts, params, n=G))
         ids = torch.tensor(prompts)
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,

@@ -9,6 +9,7 @@ from torch import nn
 from minift.data.encode import encode_prompts
 from minift.data.formats import normalize_all
 from minift.data.read import load_records
+from minift.lora.layers import folded_adapters
 from minift.train.sampling import SamplingParams, sample_chunks
 
 
@@ -17,8 +18,9 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[int]], *, max_new_t
     """Greedy completion token ids for each prompt (already rendered with the chat template), in batches of
     ``batch_size``, without the EOS token that ended them."""
     params = SamplingParams(max_new_tokens=max_new_tokens)
-    return [c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids
-            for _, c in sample_chunks(model, tokenizer, prompts, params, chunk=batch_size)]
+    with folded_adapters(model):
+        return [c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids
+                for _, c in sample_chunks(model, tokenizer, prompts, params, chunk=batch_size)]
 
 
 def final_answer(text: str, pattern: str) -> str | None:

@@ -19,6 +19,7 @@ from minift.constants import IGNORE_INDEX
 from minift.data.formats import normalize_all
 from minift.data.packing import collate_padded
 from minift.data.read import load_records
+from minift.lora.layers import folded_adapters
 from minift.losses import informative_groups
 from minift.sections import RolloutSection
 from minift.train.remote import ServerSampler
@@ -137,8 +138,9 @@ class Rollouts:
     @torch.no_grad()
     def __call__(self, prompts: list[dict], seeds: list[int], refill: Refill | None = None) -> tuple[dict, dict]:
         start, sampled_before = time.perf_counter(), self.sampling_s
-        # under FSDP each process samples alone, with the model whole
-        with gathered(self.model) if self.server is None else nullcontext():
+        # under FSDP each process samples alone, with the model whole, and its adapters folded in (faster decoding)
+        local = self.server is None
+        with gathered(self.model) if local else nullcontext(), folded_adapters(self.model) if local else nullcontext():
             scored = self.draw(prompts, seeds)
             extra = {}
             if self.dynamic_sampling:
