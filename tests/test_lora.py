@@ -250,10 +250,10 @@ def test_disable_merged_adapter_is_an_error(llama):
 
 @pytest.mark.parametrize("case", ["linear", "dora", "conv1d", "bf16"])
 def test_folded_adapters_compute_the_adapted_model_and_give_the_weights_back_untouched(llama, gpt2, batch, case):
-    """The sampler's fold: inside the block each layer runs its base weight with the enabled adapters folded into a
-    copy (no adapter code), giving the adapted outputs; afterwards the very same base tensors are back, bit for bit
-    (an in-place merge + unmerge would round a bf16 base), and the adapters run unfolded again. A disabled adapter
-    stays out of the fold."""
+    """The sampler's fold: inside the block the LoRA wrappers are gone and each base layer runs with the enabled
+    adapters folded into a copy of its weight, giving the adapted outputs; afterwards the wrappers and the very same
+    base tensors are back, bit for bit (an in-place merge + unmerge would round a bf16 base), and the adapters run
+    unfolded again. A disabled adapter stays out of the fold."""
     model = gpt2 if case == "conv1d" else llama.to(torch.bfloat16) if case == "bf16" else llama
     apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=case == "dora"))
     apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), adapter_name="off")
@@ -265,11 +265,14 @@ def test_folded_adapters_compute_the_adapted_model_and_give_the_weights_back_unt
         assert not close(plain, adapted.float(), 0.1)  # the adapter is visible
         bases = {name: layer.base_layer.weight.data for name, layer in lora_layers(model)}
         snapshot = {name: w.clone() for name, w in bases.items()}
+        layers = dict(lora_layers(model))
         with folded_adapters(model):
-            assert all(layer.merged == ["default"] and layer.base_layer.weight.data is not bases[name]
-                       for name, layer in lora_layers(model))
+            assert not any(isinstance(m, LoraLayer) for m in model.modules())
+            assert all(model.get_submodule(name) is layer.base_layer and
+                       layer.base_layer.weight.data_ptr() != bases[name].data_ptr() for name, layer in layers.items())
             assert close(logits(model, batch).float(), adapted.float(), 3e-2 if case == "bf16" else 1e-5)
-        for name, layer in lora_layers(model):
+        assert dict(lora_layers(model)) == layers
+        for name, layer in layers.items():
             assert layer.base_layer.weight.data.data_ptr() == bases[name].data_ptr() and not layer.merged
             assert torch.equal(layer.base_layer.weight.data, snapshot[name])
         assert torch.equal(logits(model, batch), adapted)
