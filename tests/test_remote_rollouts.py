@@ -121,8 +121,10 @@ def test_tis_weights_cap_the_trainer_to_sampler_ratio():
 @pytest.mark.slow
 def test_synchronous_server_rollouts_are_the_local_ones(weak_sft, tmp_path):
     """Through tools/serve.py the trainer gets the completions its own sampler draws (same seeds): the same rewards
-    at every step, a sampler mismatch at rounding level (the server's folded adapter vs the trainer's chain), and
-    the local run's adapter."""
+    at every step, a sampler mismatch at rounding level (the server's combined adapter vs the trainer's chain folded
+    into its weights), and the local run's adapter. That rounding can flip a sampled token where a draw lands on a
+    boundary of the CDF: one did at step 8 of 12 when the KV cache's layout changed, and the adapters then differed
+    by 1.6e-4 (1e-6 before the flip), hence 1e-3; sampling from a stale or wrong adapter changes the rewards."""
     args = [*small_run(weak_sft, tmp_path), "--save_steps", "0"]
     proc, url = start_server("tiny", *SERVE)
     try:
@@ -134,7 +136,7 @@ def test_synchronous_server_rollouts_are_the_local_ones(weak_sft, tmp_path):
     assert served_run.returncode == 0 and local.returncode == 0, (served_run.stderr[-3000:], local.stderr[-3000:])
     assert logged(tmp_path / "server", "reward") == logged(tmp_path / "local", "reward")
     assert max(logged(tmp_path / "server", "sampler_mismatch").values()) < 1e-4
-    assert_same_adapter(tmp_path / "server" / "adapter", tmp_path / "local" / "adapter", atol=1e-4)
+    assert_same_adapter(tmp_path / "server" / "adapter", tmp_path / "local" / "adapter", atol=1e-3)
 
 
 @pytest.mark.slow
