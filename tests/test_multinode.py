@@ -37,8 +37,9 @@ for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
 exit $status
 """
 SCONTROL = """#!/bin/bash
-# Stand-in for `scontrol show hostnames LIST`: every node of the job is this machine.
-for ((node = 0; node < SLURM_NNODES; node++)); do echo 127.0.0.1; done
+# Stand-in for `scontrol show hostnames LIST`: every node of the job is this machine. It pauses after each name, as a
+# real one may still be writing when its reader has what it wants (a reader that stops early gets it a SIGPIPE).
+for ((node = 0; node < SLURM_NNODES; node++)); do echo 127.0.0.1; sleep 0.2; done
 """
 
 

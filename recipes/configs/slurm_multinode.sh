@@ -19,7 +19,9 @@ set -euo pipefail
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 MIXED_PRECISION=${MIXED_PRECISION:-bf16}
-MAIN_PROCESS_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# the first node; sed reads the whole list (head would stop reading, and under pipefail scontrol's SIGPIPE on
+# the next name ends the script)
+MAIN_PROCESS_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 MAIN_PROCESS_PORT=${MAIN_PROCESS_PORT:-29500}
 RECIPE=${RECIPE:-recipes/pipeline.py}
 ARGS=${ARGS:---config recipes/configs/pipeline_sft_dpo.yaml}
