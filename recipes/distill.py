@@ -28,11 +28,10 @@ from sft import SFTConfig, build_data, sft_step
 
 from minift.config import require
 from minift.data.packing import collate_flat, collate_padded, pack_examples
-from minift.lora.layers import folded_adapters
 from minift.model.vocab import shared_vocabulary
 from minift.train.forward import CausalLMLoss, DistillLoss
+from minift.train.rollouts import sampling_model
 from minift.train.sampling import SamplingParams, row_seed, sample
-from minift.train.sharding import gathered
 from minift.train.stage import Stage, run_recipe
 from minift.train.teacher import (
     Teacher,
@@ -107,8 +106,7 @@ class OnPolicyBatches:
         picked = [k for k, yes in enumerate(own) if yes]
         params = [SamplingParams(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, seed=seeds[k])
                   for k in picked]
-        # every process, even one with nothing to sample (FSDP: a collective); adapters folded in for speed
-        with gathered(self.model), folded_adapters(self.model):
+        with sampling_model(self.model):  # every process, even one with nothing to sample (FSDP: a collective)
             sampled = sample(self.model, self.tokenizer, [prompt_of(rows[k]) for k in picked], params) if picked else []
         examples = [dict(row) for row in rows]
         for k, c in zip(picked, sampled):

@@ -143,14 +143,13 @@ class LoraLayer(nn.Module):
 
     # -- merging
 
-    def _merged_weight_for(self, name: str, w: torch.Tensor) -> torch.Tensor:
-        delta = self.delta_weight(name).to(w.dtype)
+    def _merged_weight_for(self, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``w`` with adapter ``name`` folded in, and DoRA's row norms of ``w + sBA`` (None for plain LoRA)."""
+        merged = w + self.delta_weight(name).to(w.dtype)
         if name not in self.lora_magnitude_vector:
-            return w + delta
-        merged = w + delta
+            return merged, None
         norm = merged.norm(dim=1, keepdim=True)
-        self._dora_norms[name] = norm
-        return merged * (self.lora_magnitude_vector[name].to(w.dtype)[:, None] / norm)
+        return merged * (self.lora_magnitude_vector[name].to(w.dtype)[:, None] / norm), norm
 
     @torch.no_grad()
     def merge(self, names: list[str] | None = None) -> None:
@@ -159,7 +158,9 @@ class LoraLayer(nn.Module):
             return
         w = dequantized_weight(self.base_layer, self.kind).float()
         for name in names:
-            w = self._merged_weight_for(name, w)
+            w, norm = self._merged_weight_for(name, w)
+            if norm is not None:
+                self._dora_norms[name] = norm
             self.merged.append(name)
         set_base_weight(self.base_layer, self.kind, w)
 
@@ -407,8 +408,7 @@ def folded_adapters(model: nn.Module):
                 if names:
                     w = dequantized_weight(layer.base_layer, layer.kind).float()
                     for name in names:
-                        w = layer._merged_weight_for(name, w)
-                        layer._dora_norms.pop(name, None)
+                        w = layer._merged_weight_for(name, w)[0]
                     weight.data = (w.t() if layer.kind == "conv1d" else w).to(weight.dtype).contiguous()
                 _set_module(model, path, layer.base_layer)
         yield model

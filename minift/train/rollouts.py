@@ -9,7 +9,7 @@ they teach nothing) are dropped and the batch is refilled with informative group
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -89,6 +89,15 @@ def rollout_params(cfg: RolloutSection) -> SamplingParams:
                           top_k=cfg.top_k, min_p=cfg.min_p)
 
 
+@contextmanager
+def sampling_model(model):
+    """``model`` as the sampler wants it: whole on this process (under FSDP / ZeRO-3 each process then samples
+    alone; every process must enter, the gathering is a collective) and with its adapters folded into its weights
+    (:func:`~minift.lora.layers.folded_adapters`: a faster decoding step)."""
+    with gathered(model), folded_adapters(model):
+        yield model
+
+
 class Rollouts:
     """``rollouts(prompts, seeds, refill)`` -> ``(batch, metrics)``.
 
@@ -138,9 +147,7 @@ class Rollouts:
     @torch.no_grad()
     def __call__(self, prompts: list[dict], seeds: list[int], refill: Refill | None = None) -> tuple[dict, dict]:
         start, sampled_before = time.perf_counter(), self.sampling_s
-        # under FSDP each process samples alone, with the model whole, and its adapters folded in (faster decoding)
-        local = self.server is None
-        with gathered(self.model) if local else nullcontext(), folded_adapters(self.model) if local else nullcontext():
+        with sampling_model(self.model) if self.server is None else nullcontext():
             scored = self.draw(prompts, seeds)
             extra = {}
             if self.dynamic_sampling:
