@@ -8,6 +8,7 @@ import torch
 from minift.infer.engine import Generator, parse_adapter_specs
 from minift.lora.layers import disable_adapters
 from minift.lora.merge import merge_and_save
+from minift.model.attention import use_document_attention
 from minift.model.load import load_model_and_tokenizer
 from minift.train.sampling import SamplingParams, row_seed, sample
 
@@ -37,6 +38,33 @@ def test_greedy_equals_transformers_generate(tiny_dir, gpt2_dir):
             ref = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                                  max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
             assert c.token_ids == ref[: len(c.token_ids)] and len(ref) == len(c.token_ids), path.name
+
+
+def test_completions_share_their_prompts_cache(tiny_dir, monkeypatch):
+    """On ``minift_sdpa`` (how training loads a model), the n completions of a prompt read one copy of its cached
+    keys and values: every decoding step's attention gets the 3 prompts' cache, not 12 rows of it. The completions
+    equal those of a cache with one copy per row (grouped-query heads; rows leaving the batch at different lengths,
+    one at EOS): the same tokens, log-probs within 1e-5."""
+    import minift.model.attention as attention
+    import minift.train.sampling as sampling
+
+    model, tok = load_model_and_tokenizer(str(tiny_dir))
+    assert use_document_attention(model) and model.config.num_key_value_heads < model.config.num_attention_heads
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    params = [SamplingParams(max_new_tokens=k, temperature=1.0, seed=i) for i, k in enumerate((5, 45, 20))]
+    prompt_rows, shared_attention = [], attention._shared_prefix_attention
+    monkeypatch.setattr(attention, "_shared_prefix_attention",
+                        lambda *args: prompt_rows.append(len(args[-1][0])) or shared_attention(*args))
+    shared = sample(model, tok, prompts, params, n=4)
+    assert set(prompt_rows) == {3} and len(prompt_rows) == 44 * model.config.num_hidden_layers
+    monkeypatch.setattr(sampling, "ATTENTION", "no such implementation")  # each row its own copy of the prompt
+    copied = sample(model, tok, prompts, params, n=4)
+    assert len(prompt_rows) == 44 * model.config.num_hidden_layers
+    lengths = [len(c.token_ids) for c in shared]
+    assert len(set(lengths)) >= 3 and any(c.finish_reason == "stop" for c in shared)
+    for a, b in zip(shared, copied):
+        assert a.token_ids == b.token_ids
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
 
 
 def test_adapter_equals_merged_model_and_switching_restores_outputs(gen, tiny_dir, random_adapters, tmp_path):

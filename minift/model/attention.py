@@ -40,6 +40,9 @@ def document_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    shared = getattr(key, "shared_prefix", None)  # a decoding step of minift's sampler (minift/train/sampling.py)
+    if shared is not None:
+        return _shared_prefix_attention(query, key, value, attention_mask, scaling, shared)
     if cu_seq_lens_q is None and query.shape[2] == 1 and query.device.type == "cpu" and not dropout and \
             all(kwargs.get(k) is None for k in ("s_aux", "softcap")):
         return _single_query_attention(query, key, value, attention_mask, scaling)
@@ -86,6 +89,41 @@ def _single_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch
         mask = attention_mask[:, :, -1:, -key.shape[2]:]
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     out = scores.softmax(-1).to(value.dtype) @ value  # (B, kv_heads, groups, D)
+    return out.view(batch, 1, heads, dim), None
+
+
+def _shared_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, scaling: float | None,
+                             shared: tuple) -> tuple[torch.Tensor, None]:
+    """One decoding step whose rows are completions of a few prompts: ``key`` / ``value`` hold each row's own
+    tokens, ``shared`` the prompts' (``(keys, values, slots, group)``: row ``i`` is completion ``slots[i] % group``
+    of prompt ``slots[i] // group``; the mask covers the prompt's positions, then the row's). A prompt's keys are
+    read once for all its completions: its rows' queries are stacked into one matmul against them. One softmax
+    over both parts, in float32, as :func:`_single_query_attention`."""
+    prompt_keys, prompt_values, slots, group = shared
+    batch, heads, _, dim = query.shape
+    prompts, kv_heads, width, _ = prompt_keys.shape
+    groups = heads // kv_heads
+    complete = len(slots) == prompts * group  # no row has left: the rows are the (prompt, completion) grid
+
+    def to_grid(rows: torch.Tensor) -> torch.Tensor:  # (batch, kv, groups, L) -> (prompts, kv, group x groups, L)
+        grid = rows if complete else rows.new_zeros(prompts * group, *rows.shape[1:]).index_copy_(0, slots, rows)
+        return grid.view(prompts, group, kv_heads, groups, -1).transpose(1, 2).reshape(prompts, kv_heads,
+                                                                                        group * groups, -1)
+
+    def to_rows(grid: torch.Tensor) -> torch.Tensor:
+        rows = grid.view(prompts, kv_heads, group, groups, -1).transpose(1, 2).reshape(prompts * group, kv_heads,
+                                                                                        groups, -1)
+        return rows if complete else rows[slots]
+
+    q = query.view(batch, kv_heads, groups, dim)
+    scores = torch.cat([to_rows(to_grid(q) @ prompt_keys.transpose(-1, -2)), q @ key.transpose(-1, -2)], dim=-1)
+    scores = scores.float() * (dim ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None:  # (B, 1, 1, prompt + own keys): bool (True = attend) or additive
+        mask = attention_mask[:, :, -1:, -scores.shape[-1]:]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    on_prompt, on_own = scores.softmax(-1).to(value.dtype).split([width, key.shape[2]], dim=-1)
+    out = to_rows(to_grid(on_prompt) @ prompt_values) + on_own @ value
     return out.view(batch, 1, heads, dim), None
 
 

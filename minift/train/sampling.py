@@ -17,6 +17,8 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from minift.model.attention import NAME as ATTENTION
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -236,10 +238,56 @@ class _ChunkedLayer(DynamicLayer):
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self._capacity(self.get_seq_length() + query_length), 0
+        return self._capacity(self._own_length() + query_length), 0
+
+    def _own_length(self) -> int:
+        return self.filled if self.is_initialized else 0
 
     def get_seq_length(self) -> int:
-        return self.filled if self.is_initialized else 0
+        return self._own_length()
+
+
+class _SharedPrefixLayer(_ChunkedLayer):
+    """A :class:`_ChunkedLayer` that keeps each prompt's keys and values once, however many completions it has
+    (``minift_sdpa`` models). The prefill stores the prompts' as the prefix; after it, the chunked buffers hold
+    each row's own tokens only. The keys it returns carry the prefix as ``shared_prefix``: ``(keys, values,
+    slots, group)``, where row ``i`` is completion ``slots[i] % group`` of prompt ``slots[i] // group``. A decoding
+    step's attention (minift/model/attention.py) then reads a prompt's cache once for all its completions,
+    instead of once per row from ``group`` copies: on SmolLM2 with 8 completions of 128-token prompts, that was
+    a fifth of a step, spent reading the cache."""
+
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.prefix is None:  # the prefill: the prompts attend to themselves as usual
+            self.prefix, self.group = (key_states, value_states), 1
+            self.slots = torch.arange(len(key_states), device=key_states.device)
+            return key_states, value_states
+        keys, values = super().update(key_states, value_states)
+        keys.shared_prefix = (*self.prefix, self.slots, self.group)  # no reference to the layer: no cycle
+        return keys, values
+
+    def _width(self) -> int:
+        return self.prefix[0].shape[-2] if self.prefix is not None else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.prefix is None:
+            return query_length, 0
+        own, _ = super().get_mask_sizes(query_length)
+        return self._width() + own, 0
+
+    def get_seq_length(self) -> int:
+        return self._width() + self._own_length()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Each prompt's ``repeats`` completions share its prefix: no copy."""
+        self.group = repeats
+        self.slots = torch.arange(len(self.slots) * repeats, device=self.slots.device)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.slots = self.slots[indices]
+        if self._own_length():
+            self.keys, self.values = self.keys[indices], self.values[indices]
 
 
 def _decode(model, tokenizer, prompts, params, n, on_text) -> list[Completion]:
@@ -253,7 +301,8 @@ def _decode(model, tokenizer, prompts, params, n, on_text) -> list[Completion]:
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
-    cache.layers = [_ChunkedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    chunked = _SharedPrefixLayer if model.config._attn_implementation == ATTENTION else _ChunkedLayer
+    cache.layers = [chunked() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                    logits_to_keep=1).logits[:, -1]
     if n > 1:  # each prompt was prefilled once; its n completions share that cache
