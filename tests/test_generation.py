@@ -42,9 +42,10 @@ def test_greedy_equals_transformers_generate(tiny_dir, gpt2_dir):
 
 def test_completions_share_their_prompts_cache(tiny_dir, monkeypatch):
     """On ``minift_sdpa`` (how training loads a model), the n completions of a prompt read one copy of its cached
-    keys and values: every decoding step's attention gets the 3 prompts' cache, not 12 rows of it. The completions
-    equal those of a cache with one copy per row (grouped-query heads; rows leaving the batch at different lengths,
-    one at EOS): the same tokens, log-probs within 1e-5."""
+    keys and values once the copies would be large: every decoding step's attention gets the 3 prompts' cache, not
+    12 rows of it. The completions equal those of a cache with one copy per row, which these short prompts get by
+    default (grouped-query heads; rows leaving the batch at different lengths, one at EOS): the same tokens,
+    log-probs within 1e-5."""
     import minift.model.attention as attention
     import minift.train.sampling as sampling
 
@@ -55,11 +56,11 @@ def test_completions_share_their_prompts_cache(tiny_dir, monkeypatch):
     prompt_rows, shared_attention = [], attention._shared_prefix_attention
     monkeypatch.setattr(attention, "_shared_prefix_attention",
                         lambda *args: prompt_rows.append(len(args[-1][0])) or shared_attention(*args))
+    copied = sample(model, tok, prompts, params, n=4)  # short prompts: a copy per row costs less than sharing
+    assert prompt_rows == []
+    monkeypatch.setattr(sampling, "SHARE_FROM", 0)
     shared = sample(model, tok, prompts, params, n=4)
     assert set(prompt_rows) == {3} and len(prompt_rows) == 44 * model.config.num_hidden_layers
-    monkeypatch.setattr(sampling, "ATTENTION", "no such implementation")  # each row its own copy of the prompt
-    copied = sample(model, tok, prompts, params, n=4)
-    assert len(prompt_rows) == 44 * model.config.num_hidden_layers
     lengths = [len(c.token_ids) for c in shared]
     assert len(set(lengths)) >= 3 and any(c.finish_reason == "stop" for c in shared)
     for a, b in zip(shared, copied):
