@@ -163,23 +163,35 @@ def test_other_implementations_are_left_alone(tiny_dir):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
-def test_single_query_decoding_equals_sdpa(dtype, tol):
-    """A decoding step on the CPU (one query per row against cached keys) takes two matmuls instead of SDPA's
-    kernel: equal to SDPA with grouped KV heads, a left-padding bool mask and an additive mask."""
+def test_a_decoding_step_on_shared_prompts_equals_sdpa(dtype, tol):
+    """A sampler's decoding step whose rows are completions of 2 prompts (3 each) reads each prompt's keys once:
+    equal to SDPA over each row's own copy of its prompt's keys followed by its own, with grouped KV heads, a
+    left-padding bool mask, an additive mask, every row present and rows gone. With an argument the shared path
+    does not implement (a position bias), the rows' whole caches go to transformers' sdpa: the same result."""
     from minift.model.attention import document_attention_forward
 
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(3, 8, 1, 16, generator=g).to(dtype)
-    k, v = (torch.randn(3, 2, 10, 16, generator=g).to(dtype) for _ in range(2))
-    keep = torch.ones(3, 1, 1, 10, dtype=torch.bool)
-    keep[0, ..., :4] = keep[2, ..., :1] = False  # left padding of rows 0 and 2
-    additive = torch.zeros(3, 1, 1, 10, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+    prompt_keys, prompt_values = (torch.randn(2, 2, 6, 16, generator=g).to(dtype) for _ in range(2))
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = 4, True
-    for mask in (None, keep, additive):
-        ours, _ = document_attention_forward(module, q, k, v, mask, scaling=0.3)
-        ref = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(4, 1),
-                                             v.float().repeat_interleave(4, 1), attn_mask=mask if mask is None or
-                                             mask.dtype == torch.bool else mask.float(), scale=0.3)
-        assert ours.shape == (3, 1, 8, 16)
+    for slots in (torch.arange(6), torch.tensor([0, 2, 5])):
+        rows = len(slots)
+        q = torch.randn(rows, 8, 1, 16, generator=g).to(dtype)
+        k, v = (torch.randn(rows, 2, 4, 16, generator=g).to(dtype) for _ in range(2))
+        k.shared_prefix = (prompt_keys, prompt_values, slots, 3)
+        keep = torch.ones(rows, 1, 1, 10, dtype=torch.bool)
+        keep[slots < 3, ..., :2] = False  # prompt 0 is left-padded
+        keep[:, ..., -1] = False  # the own buffer's unfilled tail
+        additive = torch.zeros(rows, 1, 1, 10, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+        whole_k, whole_v = (torch.cat([prompt[slots // 3], own], dim=2).float().repeat_interleave(4, 1)
+                            for prompt, own in ((prompt_keys, k), (prompt_values, v)))
+        for mask in (None, keep, additive):
+            ref = F.scaled_dot_product_attention(q.float(), whole_k, whole_v, attn_mask=mask if mask is None or
+                                                 mask.dtype == torch.bool else mask.float(), scale=0.3)
+            ours, _ = document_attention_forward(module, q, k, v, mask, scaling=0.3)
+            assert ours.shape == (rows, 1, 8, 16)
+            assert (ours.float() - ref.transpose(1, 2)).abs().max() < tol
+        bias = torch.zeros(rows, 8, 1, 10, dtype=dtype)
+        ours, _ = document_attention_forward(module, q, k, v, keep, scaling=0.3, position_bias=bias)
+        ref = F.scaled_dot_product_attention(q.float(), whole_k, whole_v, attn_mask=keep, scale=0.3)
         assert (ours.float() - ref.transpose(1, 2)).abs().max() < tol

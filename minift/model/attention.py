@@ -9,9 +9,9 @@ variable-length kernel. Passed to the model's forward, they reach every attentio
 ``"minift_sdpa"`` is the same for PyTorch's SDPA on any device: one ``is_causal`` SDPA call per
 document, so no ``[seq, seq]`` mask is ever built and attention costs the sum of the documents'
 squared lengths instead of the row's. Without ``cu_seq_lens_q`` (generation, padded batches) it is
-transformers' ``sdpa``, masks included, except that a decoding step on the CPU (one query per row) takes two
-matmuls instead of SDPA's kernel, which is slow there. :func:`use_document_attention` switches a model
-loaded with ``sdpa`` to it.
+transformers' ``sdpa``, masks included, except in a decoding step of minift's sampler whose rows share their
+prompts' cache (:func:`_shared_prefix_attention`). :func:`use_document_attention` switches a model loaded with
+``sdpa`` to it.
 
 Under the other implementations a flat batch is still correct, only slower: ``sdpa`` and ``eager`` build
 a block-diagonal mask from the restarting ``position_ids`` (the whole row's ``[seq, seq]``).
@@ -41,11 +41,12 @@ def document_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     shared = getattr(key, "shared_prefix", None)  # a decoding step of minift's sampler (minift/train/sampling.py)
-    if shared is not None:
+    if shared is not None and not dropout and all(kwargs.get(k) is None for k in ("s_aux", "softcap", "position_bias")):
         return _shared_prefix_attention(query, key, value, attention_mask, scaling, shared)
-    if cu_seq_lens_q is None and query.shape[2] == 1 and query.device.type == "cpu" and not dropout and \
-            all(kwargs.get(k) is None for k in ("s_aux", "softcap")):
-        return _single_query_attention(query, key, value, attention_mask, scaling)
+    if shared is not None:  # what the shared path does not implement: each row's whole cache, as sdpa takes it
+        prompt_keys, prompt_values, slots, group = shared
+        key, value = (torch.cat([prompt[slots // group], own], dim=-2) for prompt, own in
+                      ((prompt_keys, key), (prompt_values, value)))
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -76,22 +77,6 @@ def document_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     return out.transpose(1, 2).contiguous(), None
 
 
-def _single_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            attention_mask: torch.Tensor | None, scaling: float | None) -> tuple[torch.Tensor, None]:
-    """One decoding step (one query per row, keys from a KV cache) as two matmuls with float32 softmax: PyTorch's
-    CPU SDPA kernel tiles for long queries, and on a single one is ~7x slower in bf16 (32 rows x 8 heads x 256
-    keys: 2.8 ms against 0.37 ms). Grouped query heads share their KV head by a reshape, not a copy."""
-    batch, heads, _, dim = query.shape
-    groups = heads // key.shape[1]
-    q = query.view(batch, key.shape[1], groups, dim)  # (B, kv_heads, groups, D)
-    scores = (q @ key.transpose(-1, -2)).float() * (dim ** -0.5 if scaling is None else scaling)
-    if attention_mask is not None:  # (B, 1, 1, keys): bool (True = attend) or additive
-        mask = attention_mask[:, :, -1:, -key.shape[2]:]
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    out = scores.softmax(-1).to(value.dtype) @ value  # (B, kv_heads, groups, D)
-    return out.view(batch, 1, heads, dim), None
-
-
 def _shared_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, scaling: float | None,
                              shared: tuple) -> tuple[torch.Tensor, None]:
@@ -99,7 +84,7 @@ def _shared_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     tokens, ``shared`` the prompts' (``(keys, values, slots, group)``: row ``i`` is completion ``slots[i] % group``
     of prompt ``slots[i] // group``; the mask covers the prompt's positions, then the row's). A prompt's keys are
     read once for all its completions: its rows' queries are stacked into one matmul against them. One softmax
-    over both parts, in float32, as :func:`_single_query_attention`."""
+    over both parts, in float32."""
     prompt_keys, prompt_values, slots, group = shared
     batch, heads, _, dim = query.shape
     prompts, kv_heads, width, _ = prompt_keys.shape
