@@ -14,13 +14,10 @@ from minift.lora.layers import (
     ModulesToSave,
     apply_lora,
     disable_adapters,
-    folded_adapters,
     lora_layers,
-    merge_lora,
     set_trainable,
-    unmerge_lora,
-    unwrap_lora,
 )
+from minift.lora.merge import folded_adapters, merge_lora, unmerge_lora, unwrap_lora
 
 LLAMA_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 

@@ -10,14 +10,8 @@ from test_lora import close, logits, randomize_b
 
 from minift.lora.adapters import load_adapter, save_adapter
 from minift.lora.config import LoraConfig
-from minift.lora.layers import (
-    apply_lora,
-    disable_adapters,
-    lora_layers,
-    merge_lora,
-    unmerge_lora,
-)
-from minift.lora.merge import merge_and_save
+from minift.lora.layers import apply_lora, disable_adapters, lora_layers
+from minift.lora.merge import merge_and_save, merge_lora, unmerge_lora
 from minift.lora.weights import dequantized_weight
 from minift.model.load import load_model_and_tokenizer
 

@@ -68,7 +68,7 @@ def prompt_ids(step: int) -> list[list[int]]:
 
 def worker_rollout(role: str, args: argparse.Namespace) -> dict:
     """Timed calls of one sampler: seconds and new tokens of 128-token calls, seconds of 1-token calls."""
-    from minift.lora.layers import folded_adapters
+    from minift.lora.merge import folded_adapters
     from minift.train.sampling import SamplingParams, sample, stop_token_ids
 
     model, tokenizer = minift_sft_model(model_spec()).eval(), word_tokenizer(model_spec()["vocab_size"])

@@ -19,13 +19,8 @@ from typing import Callable, Iterator
 
 from minift.data.encode import set_chat_template
 from minift.lora.adapters import load_adapter
-from minift.lora.layers import (
-    adapter_configs,
-    disable_adapters,
-    merge_lora,
-    remove_adapter,
-    unmerge_lora,
-)
+from minift.lora.layers import adapter_configs, disable_adapters, remove_adapter
+from minift.lora.merge import merge_lora, unmerge_lora
 from minift.model.load import load_model_and_tokenizer
 from minift.train.sampling import Completion, SamplingParams, sample
 

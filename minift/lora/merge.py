@@ -1,15 +1,20 @@
-"""Use a chain of adapters without the chain: fold them into one exact adapter (``combine_adapters``) or merge
-them into the base and save a plain Hugging Face model (``merge_and_save``)."""
+"""Adapters folded into weights: a chain of adapters into one exact adapter (``combine_adapters``); adapters into
+the base weights in place (``merge_lora`` / ``unmerge_lora``), or into a copy for the length of a block
+(``folded_adapters``, for sampling); a plain Hugging Face model without the wrappers (``unwrap_lora``), saved by
+``merge_and_save``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from minift import __version__
 from minift.lora.adapters import (
@@ -24,7 +29,10 @@ from minift.lora.adapters import (
     read_adapter,
 )
 from minift.lora.config import LoraConfig
-from minift.lora.layers import merge_lora, unwrap_lora
+from minift.lora.layers import _set_module, lora_layers, saved_modules
+from minift.lora.weights import dequantized_weight
+
+logger = logging.getLogger(__name__)
 
 
 def combine_adapters(adapter_dirs: list[str | Path], out_dir: str | Path, *, stage: str = "combined") -> Path:
@@ -109,3 +117,64 @@ def merge_and_save(
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
     return Path(out_dir)
+
+
+@contextlib.contextmanager
+def folded_adapters(model: nn.Module):
+    """For the block, the model runs as a plain transformers model: each full-precision LoRA layer is replaced by
+    its base layer, computing with its enabled adapters folded into a copy of its weight. That is one matrix
+    product a layer instead of three, and no adapter code: most of a decoding step's overhead on a real model
+    (SmolLM2 in bf16 on a CPU: 120 -> 85 ms). At the end the wrappers and the original weights come back, bit for
+    bit; quantized bases keep their adapters unfolded. While it lasts the adapted layers' weights exist twice, so
+    use it for sampling, where no activations are kept for a backward pass."""
+    swapped = []
+    try:
+        with torch.no_grad():
+            for path, layer in list(lora_layers(model)):
+                if layer.kind not in ("linear", "conv1d"):
+                    continue
+                weight, names = layer.base_layer.weight, layer.active()
+                swapped.append((path, layer, weight.data))
+                if names:
+                    w = dequantized_weight(layer.base_layer, layer.kind).float()
+                    for name in names:
+                        w = layer._merged_weight_for(name, w)[0]
+                    weight.data = (w.t() if layer.kind == "conv1d" else w).to(weight.dtype).contiguous()
+                _set_module(model, path, layer.base_layer)
+        yield model
+    finally:
+        for path, layer, data in swapped:
+            layer.base_layer.weight.data = data
+            _set_module(model, path, layer)
+
+
+def merge_lora(model: nn.Module, names: list[str] | None = None) -> None:
+    """Fold adapters into the base weights (4/8-bit bases: dequantize, add, re-quantize: lossy)."""
+    layers = list(lora_layers(model))
+    if any(layer.kind in ("bnb4", "bnb8") for _, layer in layers):
+        logger.warning(
+            "merging into a quantized base re-quantizes the weights, which rounds them: outputs will differ "
+            "slightly from the unmerged model. For deployment merge into the full-precision base instead."
+        )
+    for _, layer in layers:
+        layer.merge(names)
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo ``merge_lora`` (exact up to float rounding for full-precision bases)."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def unwrap_lora(model: nn.Module) -> nn.Module:
+    """Replace every LoRA layer by its base layer and every saved-module wrapper by its active copy.
+
+    Call after ``merge_lora`` to get a plain transformers model; adapters not merged are dropped.
+    """
+    for name, layer in list(lora_layers(model)):
+        _set_module(model, name, layer.base_layer)
+    for name, wrapper in list(saved_modules(model)):
+        _set_module(model, name, wrapper.current())
+    if hasattr(model, "minift_lora_configs"):
+        del model.minift_lora_configs
+    return model

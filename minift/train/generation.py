@@ -9,7 +9,7 @@ from torch import nn
 from minift.data.encode import encode_prompts
 from minift.data.formats import normalize_all
 from minift.data.read import load_records
-from minift.lora.layers import folded_adapters
+from minift.lora.merge import folded_adapters
 from minift.train.sampling import SamplingParams, sample_chunks
 
 

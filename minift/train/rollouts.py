@@ -19,7 +19,7 @@ from minift.constants import IGNORE_INDEX
 from minift.data.formats import normalize_all
 from minift.data.packing import collate_padded
 from minift.data.read import load_records
-from minift.lora.layers import folded_adapters
+from minift.lora.merge import folded_adapters
 from minift.losses import informative_groups
 from minift.sections import RolloutSection
 from minift.train.remote import ServerSampler
@@ -93,7 +93,7 @@ def rollout_params(cfg: RolloutSection) -> SamplingParams:
 def sampling_model(model):
     """``model`` as the sampler wants it: whole on this process (under FSDP / ZeRO-3 each process then samples
     alone; every process must enter, the gathering is a collective) and with its adapters folded into its weights
-    (:func:`~minift.lora.layers.folded_adapters`: a faster decoding step)."""
+    (:func:`~minift.lora.merge.folded_adapters`: a faster decoding step)."""
     with gathered(model), folded_adapters(model):
         yield model
 

@@ -15,7 +15,8 @@ from minift.config import ConfigError
 from minift.constants import DEFAULT_ADAPTER
 from minift.lora.adapters import load_adapter
 from minift.lora.config import LoraConfig
-from minift.lora.layers import apply_lora, check_ranks, merge_lora, unwrap_lora
+from minift.lora.layers import apply_lora, check_ranks
+from minift.lora.merge import merge_lora, unwrap_lora
 from minift.model.attention import use_document_attention
 from minift.model.load import load_model
 from minift.sections import TrainConfig

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from minift.config import ConfigError
 from minift.constants import IGNORE_INDEX
 from minift.lora.adapters import load_adapter
-from minift.lora.layers import merge_lora, unwrap_lora
+from minift.lora.merge import merge_lora, unwrap_lora
 from minift.model.attention import use_document_attention
 from minift.model.files import set_usual_modes
 from minift.model.load import load_model, resolve_model_path
