@@ -16,7 +16,8 @@ from conftest import ROOT, load_recipe
 from minift.export.gguf.convert import convert
 from minift.export.gguf.writer import Tensor, TensorType, string, write_gguf
 from minift.model import from_gguf
-from minift.model.load import cache_dir, load_model_and_tokenizer, resolve_model_path
+from minift.model.files import cache_dir
+from minift.model.load import load_model_and_tokenizer, resolve_model_path
 
 TEXT = "<|im_start|>user\nReverse the words: cat dog<|im_end|>\n<|im_start|>assistant\n dog   cat 42 né"
 

@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cache() -> Path:
-    from minift.model.load import cache_dir
+    from minift.model.files import cache_dir
 
     return cache_dir() / "bench-gguf"
 

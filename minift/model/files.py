@@ -1,5 +1,5 @@
 """Weight files: checks of safetensors files before a loader reads them (one error naming the file and what is
-wrong), and the usual permissions on what minift writes.
+wrong), the usual permissions on what minift writes, and where it keeps what it builds (:func:`cache_dir`).
 
 A safetensors file is an 8-byte header length, a JSON header (tensor name -> dtype, shape, data offsets) and the
 data. What users meet instead: a Git LFS pointer (a clone without ``git lfs``), a file cut short by a failed
@@ -18,6 +18,14 @@ from minift.config import ConfigError
 
 HEADER_LIMIT = 100 << 20  # the safetensors library's own limit on the header's length
 _LFS_POINTER = b"version https://git-lfs"
+
+
+def cache_dir() -> Path:
+    """Where built artifacts live: ``$MINIFT_CACHE``, else ``$XDG_CACHE_HOME/minift`` or ``~/.cache/minift``."""
+    if os.environ.get("MINIFT_CACHE"):
+        return Path(os.environ["MINIFT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "minift"
 
 
 def check_safetensors(path: str | Path) -> None:

