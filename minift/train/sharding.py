@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from minift.config import ConfigError
+from minift.train.memory import return_freed_memory
 from minift.train.zero import gathered as zero_gathered
 
 logger = logging.getLogger(__name__)
@@ -111,19 +112,6 @@ def register(model: nn.Module, root: nn.Module) -> None:
 def reshard_after_forward() -> bool:
     """The Accelerate config's ``fsdp_reshard_after_forward`` (true unless set false)."""
     return os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true"
-
-
-def return_freed_memory() -> None:
-    """Have glibc give large freed buffers back to the system at once. FSDP gathers each block's weights and frees
-    them at every forward and backward; glibc's adaptive threshold would soon serve such buffers from its heap,
-    which keeps what is freed: measured on a SmolLM2 full fine-tune, the peak growth per process fell from 0.88x
-    DDP's to 0.46x with a fixed 128 KiB threshold (the same as ``MALLOC_MMAP_THRESHOLD_=131072``)."""
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    if hasattr(libc, "mallopt"):  # glibc; other C libraries keep their own policy
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (a fixed value also ends the adaptive one)
 
 
 def is_sharded(model: nn.Module) -> bool:

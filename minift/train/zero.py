@@ -24,6 +24,7 @@ import os
 import weakref
 
 from minift.config import ConfigError
+from minift.train.memory import return_freed_memory
 
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the ZeRO-3 engine training it
 _GATHERED: set[int] = set()  # ids of engines inside a gathered() block
@@ -88,9 +89,7 @@ def prepare_engine(accelerator, cfg, model, wrapper, optimizer):
     zero = config.setdefault("zero_optimization", {})
     if zero.get("stage", 0) == 3:
         zero["overlap_comm"] = False  # DeepSpeed allows overlap only at ZeRO-2 when it does not manage accumulation
-    from minift.train.sharding import return_freed_memory
-
-    return_freed_memory()  # gathered weights come and go here too (minift.train.sharding)
+    return_freed_memory()  # gathered weights come and go here too
     engine, optimizer = accelerator.prepare(wrapper, optimizer)
 
     class Accumulate(DeepSpeedEngineWrapper):
