@@ -298,11 +298,12 @@ def _shares_prompts(model: nn.Module, prompts: int, width: int, n: int) -> bool:
     ``minift_sdpa``, when copies would repeat at least ``SHARE_FROM`` key elements a layer. Below that, the shared
     attention's extra small operations cost more than the reads they save (bf16 on the CPU, 4 prompts x 8
     completions: model A 5% slower at 230k, 4% faster at 460k; SmolLM2 even at 344k, 7% faster at 688k)."""
+    if model.config._attn_implementation != ATTENTION:
+        return False
     cfg = model.config.get_text_config()
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return model.config._attn_implementation == ATTENTION and (n - 1) * prompts * width * kv_heads * head_dim >= \
-        SHARE_FROM
+    return (n - 1) * prompts * width * kv_heads * head_dim >= SHARE_FROM
 
 
 def _decode(model, tokenizer, prompts, params, n, on_text) -> list[Completion]:
