@@ -63,11 +63,15 @@ def test_completions_share_their_prompts_cache(tiny_dir, monkeypatch):
     assert set(prompt_rows) == {3} and len(prompt_rows) == 44 * model.config.num_hidden_layers
     assert len({len(c.token_ids) for c in shared}) >= 3 and any(c.finish_reason == "stop" for c in shared)
     for c in shared:
-        with torch.no_grad():
-            full = model(input_ids=torch.tensor([c.prompt_ids + c.token_ids])).logits[0].float().log_softmax(-1)
-        n = len(c.prompt_ids)
-        expected = full[n - 1: n - 1 + len(c.token_ids)].gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
-        assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-5)
+        assert torch.allclose(torch.tensor(c.logprobs), one_forward_logprobs(model, c), atol=1e-5)
+
+
+def one_forward_logprobs(model, c) -> torch.Tensor:
+    """The log-probs of completion ``c``'s tokens in one forward over its prompt and tokens (temperature 1)."""
+    with torch.no_grad():
+        full = model(input_ids=torch.tensor([c.prompt_ids + c.token_ids])).logits[0].float().log_softmax(-1)
+    n = len(c.prompt_ids)
+    return full[n - 1: n - 1 + len(c.token_ids)].gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
 
 
 def test_adapter_equals_merged_model_and_switching_restores_outputs(gen, tiny_dir, random_adapters, tmp_path):

@@ -14,6 +14,7 @@ import torch
 from conftest import RECIPES, _ProcessState, load_recipe, logged, start_server
 from gguf import GGUFReader
 from safetensors.torch import load_file
+from test_generation import one_forward_logprobs
 from test_gguf import hf_name, hf_weights, tensors, uninterleave
 
 from minift.data.encode import encode_sft
@@ -21,8 +22,10 @@ from minift.data.formats import normalize_all
 from minift.data.read import Record
 from minift.export.gguf.convert import convert
 from minift.lora.adapters import load_adapter
+from minift.model.attention import use_document_attention
 from minift.model.load import load_model_and_tokenizer, load_tokenizer
 from minift.train.rewards import load_reward
+from minift.train.sampling import SamplingParams, sample
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -63,6 +66,26 @@ def test_label_mask_under_the_default_system_turn(smollm2_gguf):
 
 def _ids(tokenizer):
     return torch.tensor([tokenizer(MIXED)["input_ids"]])
+
+
+def test_completions_share_their_prompts_cache_on_smollm2(smollm2_dir, monkeypatch):
+    """SmolLM2's completions of a chat prompt (3 KV heads for 9, 30 layers) read one copy of its cache when sharing
+    is on, and each sampled token's log-prob equals the model's in one forward over the whole text."""
+    import minift.train.sampling as sampling
+
+    model, tok = load_model_and_tokenizer(str(smollm2_dir))
+    assert use_document_attention(model)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                       return_dict=True)["input_ids"] for q in ("Reverse the words: red cup",
+                                                                               "What is the capital of France?")]
+    monkeypatch.setattr(sampling, "SHARE_FROM", 0)
+    layers = []
+    real_layer = sampling._SharedPrefixLayer
+    monkeypatch.setattr(sampling, "_SharedPrefixLayer", lambda: layers.append(real_layer()) or layers[-1])
+    done = sample(model, tok, prompts, SamplingParams(max_new_tokens=12, temperature=1.0, seed=3), n=3)
+    assert len(layers) == model.config.num_hidden_layers and all(len(layer.prefix[0]) == 2 for layer in layers)
+    for c in done:
+        assert torch.allclose(torch.tensor(c.logprobs), one_forward_logprobs(model, c), atol=1e-4)
 
 
 def test_peft_reads_minift_adapter_and_minift_reads_peft(smollm2_dir, smollm2_sft, tmp_path):
