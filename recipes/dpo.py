@@ -107,7 +107,8 @@ def greedy_pair_metrics(cfg: DPOConfig, model, tokenizer, eval_pairs, suffix: st
     """How often held-out pairs get their chosen (or rejected) answer word for word from greedy generation."""
     if not eval_pairs:
         return {}
-    chosen, rejected = greedy_matches(model, tokenizer, eval_pairs, max_new_tokens=cfg.max_new_tokens)
+    chosen, rejected = greedy_matches(model, tokenizer, eval_pairs, max_new_tokens=cfg.max_new_tokens,
+                                      desc="greedy_matches" + suffix)
     return {"greedy_matches_chosen" + suffix: chosen, "greedy_matches_rejected" + suffix: rejected}
 
 

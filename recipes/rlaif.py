@@ -143,11 +143,12 @@ def win_rate(accelerator, model, tokenizer, judge, held_out: list[dict], max_new
     mine = held_out[accelerator.process_index::accelerator.num_processes]
     sums = torch.zeros(3, dtype=torch.float64)
     if mine:
-        ids = [p["input_ids"] for p in mine]
-        policy = tokenizer.batch_decode(generate(model, tokenizer, ids, max_new_tokens=max_new_tokens),
-                                        skip_special_tokens=True)
+        ids, main = [p["input_ids"] for p in mine], accelerator.is_main_process
+        policy = tokenizer.batch_decode(generate(model, tokenizer, ids, max_new_tokens=max_new_tokens,
+                                                 desc="win rate: policy" if main else None), skip_special_tokens=True)
         with disable_adapters(model, [adapter]):
-            start = tokenizer.batch_decode(generate(model, tokenizer, ids, max_new_tokens=max_new_tokens),
+            start = tokenizer.batch_decode(generate(model, tokenizer, ids, max_new_tokens=max_new_tokens,
+                                                    desc="win rate: start model" if main else None),
                                            skip_special_tokens=True)
         judged = judge.compare([p["prompt"] for p in mine], [t.strip() for t in policy], [t.strip() for t in start])
         truth = [0.5 + 0.5 * ((a.strip() == p["fields"]["answer"]) - (b.strip() == p["fields"]["answer"]))

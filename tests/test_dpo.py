@@ -8,6 +8,7 @@ the reference (disabled adapter or precomputed), normalization over accumulation
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -353,10 +354,11 @@ def test_chain_checks_both_stage_configs_before_training(tmp_path):
         assert not (tmp_path / "out" / "sft").exists()  # nothing trained
 
 
-def test_a_resumed_run_keeps_the_metrics_measured_before_training(dpo, pairs48, tmp_path, in_process):
+def test_a_resumed_run_keeps_the_metrics_measured_before_training(dpo, pairs48, tmp_path, in_process, capsys):
     """The ``*_before`` metrics (held-out ranking of the start model and of the bare base) are measured once, at
     step 0, and kept in the checkpoint: the run.json of a resumed run has them, equal to the whole run's. A resume
-    with another init adapter (another reference model) is refused."""
+    with another init adapter (another reference model) is refused. The greedy generations show progress bars
+    named after their metrics; a resumed run generates only the final ones."""
     from conftest import reset_accelerate
 
     def run(out, **kw):
@@ -365,6 +367,8 @@ def test_a_resumed_run_keeps_the_metrics_measured_before_training(dpo, pairs48, 
 
     whole = tmp_path / "whole"
     full = run(whole)
+    bars = capsys.readouterr().err
+    assert re.search(r"greedy_matches_before: 100%.* 12/12", bars) and re.search(r"greedy_matches: 100%.* 12/12", bars)
     stopped = tmp_path / "stopped"
     shutil.copytree(whole, stopped)
     for leftover in ("checkpoint-4", "adapter", "run.json"):
@@ -373,7 +377,11 @@ def test_a_resumed_run_keeps_the_metrics_measured_before_training(dpo, pairs48, 
 
     with pytest.raises(ConfigError, match=r"cannot resume .*checkpoint-2: init_adapter None -> '.*whole/adapter'"):
         run(stopped, resume_from_checkpoint="auto", init_adapter=str(whole / "adapter"))  # another reference model
+    capsys.readouterr()
     resumed = run(stopped, resume_from_checkpoint="auto")
+    bars = capsys.readouterr().err
+    assert not re.search(r"greedy_matches_before: +\d+%", bars), bars[-2000:]
+    assert re.search(r"greedy_matches: 100%.* 12/12", bars), bars[-2000:]
     metrics = json.loads((stopped / "run.json").read_text())["metrics"]
     for key in ("preference_accuracy_before", "preference_accuracy_base"):
         assert key in full and resumed[key] == metrics[key] == full[key], key

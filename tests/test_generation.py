@@ -196,3 +196,21 @@ def test_bad_input_is_refused_clearly(gen, random_adapters, tiny_dir):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="at least one token"):
         sample(gen.model, gen.tokenizer, [[]], GREEDY)
+
+
+def test_evaluation_generation_shows_its_progress(tiny_dir, capsys):
+    """An evaluation's greedy generation (minutes on a real model) counts its prompts on a bar named after the
+    metric it measures, ends with every prompt counted, and returns what it returns without a bar."""
+    from minift.train.generation import answer_metrics, generate
+
+    model, tok = load_model_and_tokenizer(str(tiny_dir))
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    plain = generate(model, tok, prompts, max_new_tokens=8, batch_size=2)
+    assert "prompt" not in capsys.readouterr().err
+    assert generate(model, tok, prompts, max_new_tokens=8, batch_size=2, desc="checking") == plain
+    err = capsys.readouterr().err
+    assert "checking" in err and "3/3" in err, err
+    examples = [{"input_ids": p, "answer": "x"} for p in prompts]
+    assert answer_metrics(model, tok, examples, max_new_tokens=8, suffix="_before") == {"answer_accuracy_before": 0.0}
+    err = capsys.readouterr().err
+    assert "answer_accuracy_before" in err and "3/3" in err, err

@@ -205,8 +205,10 @@ def reference_key(pairs: dict[str, list[dict]], *, model: str, init_adapter: str
                        "mixed_precision": mixed_precision, "max_seq_length": max_seq_length})
 
 
-def greedy_matches(model: nn.Module, tokenizer, pairs: list[dict], *, max_new_tokens: int) -> tuple[float, float]:
-    """Shares of pairs whose greedy answer to the prompt equals the chosen / the rejected answer (stripped)."""
+def greedy_matches(model: nn.Module, tokenizer, pairs: list[dict], *, max_new_tokens: int,
+                   desc: str | None = None) -> tuple[float, float]:
+    """Shares of pairs whose greedy answer to the prompt equals the chosen / the rejected answer (stripped).
+    ``desc``: a progress bar's label."""
     prompts, answers = [], []
     for p in pairs:
         ids, labels = p["chosen_input_ids"], p["chosen_labels"]
@@ -215,7 +217,7 @@ def greedy_matches(model: nn.Module, tokenizer, pairs: list[dict], *, max_new_to
         answers.append([tokenizer.decode([t for t, label in zip(p[f"{side}_input_ids"], p[f"{side}_labels"])
                                           if label != IGNORE_INDEX], skip_special_tokens=True).strip()
                         for side in ("chosen", "rejected")])
-    texts = tokenizer.batch_decode(generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens),
+    texts = tokenizer.batch_decode(generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, desc=desc),
                                    skip_special_tokens=True)
     return (sum(t.strip() == a[0] for t, a in zip(texts, answers)) / len(pairs),
             sum(t.strip() == a[1] for t, a in zip(texts, answers)) / len(pairs))
