@@ -76,7 +76,7 @@ class PPOConfig(RolloutSection, DataSection, TrainConfig):
     num_train_epochs: float = 24.0
     lora_r: int = 16
     REAL_MODEL = {**TrainConfig.REAL_MODEL, "learning_rate": 1e-5, "num_train_epochs": 1.0,
-                  "per_device_train_batch_size": 16, "max_completion_length": 256}
+                  "per_device_train_batch_size": 16, "max_completion_length": 256, "gradient_checkpointing": True}
 
     def check(self) -> None:
         checks = [(self.value_model in ("adapter", "shared"), f"value_model must be adapter or shared, got "
