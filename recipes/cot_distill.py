@@ -131,7 +131,7 @@ def teacher_outputs(cfg: CoTConfig, accelerator, prompts: list[dict]) -> tuple[l
         for n, c in sample_chunks(teacher, tokenizer, [render(tokenizer, jobs[k][2]) for k in todo], params):
             add(todo[n], c.text)
 
-    made = cache.fill(keys, accelerator, ask_api if cfg.teacher_api_base else ask_local)
+    made = cache.fill(keys, accelerator, ask_api if cfg.teacher_api_base else ask_local, "teacher rationales")
     outputs = [[] for _ in prompts]
     for (i, _, _), key in zip(jobs, keys):
         outputs[i].append(cache[key])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -103,6 +104,9 @@ def test_api_teacher_through_minift_s_server(reasoner, tiny_dir, tmp_path):
         server.terminate()
         _, log = server.communicate(timeout=60)
     assert log.count("POST /v1/chat/completions") == 24  # the rerun asked nothing
+    for proc in (local, first):  # each answer counted on the bar as it arrives, local or from the API
+        assert re.search(r"teacher rationales: 100%.* 24/24", proc.stderr), proc.stderr[-2000:]
+    assert "teacher rationales" not in again.stderr
     outputs = {name: sorted(json.loads(line)["value"] for line in (tmp_path / name / "teacher_outputs.jsonl").open())
                for name in ("local", "api")}
     assert outputs["api"] == outputs["local"]

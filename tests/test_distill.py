@@ -149,7 +149,7 @@ def test_on_policy_batches_are_reproducible_and_lmbda_0_is_offline(distill, teac
     assert len(shares) == 3 and 0 < sum(shares) / 3 < 1, shares
 
 
-def test_sequence_kd_generates_once(distill, teachers, data64, tmp_path, monkeypatch):
+def test_sequence_kd_generates_once(distill, teachers, data64, tmp_path, monkeypatch, capsys):
     merged, _, _ = teachers
     import minift.train.teacher as teacher_module
 
@@ -160,8 +160,10 @@ def test_sequence_kd_generates_once(distill, teachers, data64, tmp_path, monkeyp
     short(distill, data64, tmp_path, **options)
     lines = (tmp_path / "teacher_generations.jsonl").read_text().splitlines()
     assert sum(calls) == len(lines) == 64
+    assert "teacher completions: 100%" in capsys.readouterr().err
     short(distill, data64, tmp_path, overwrite_output_dir=True, **options)
     assert sum(calls) == 64  # the rerun read every generation from the file
+    assert "teacher completions" not in capsys.readouterr().err
 
 
 def test_bad_input_fails_before_training_with_one_clear_error(teachers, tiny_dir, tmp_path):

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +66,20 @@ class JsonlCache:
         with open(self.own, "a", encoding="utf-8") as f:
             f.write(json.dumps({"key": key, "value": value}, ensure_ascii=False) + "\n")
 
-    def fill(self, keys: list[str], accelerator, produce) -> int:
+    def fill(self, keys: list[str], accelerator, produce, desc: str) -> int:
         """Make the values ``keys`` lack, each process a share: ``produce(positions, add)`` makes those of the given
         positions in ``keys`` and calls ``add(position, value)`` as each is ready (written down at once: a kill loses
-        only what was in flight). Then every process reads every file. Returns how many values all processes
-        made."""
+        only what was in flight). The main process counts its share on a progress bar labelled ``desc``. Then every
+        process reads every file. Returns how many values all processes made."""
         todo = [i for i, key in enumerate(keys) if key not in self][accelerator.process_index::accelerator.num_processes]
         if todo:
-            produce(todo, lambda i, value: self.add(keys[i], value))
+            # values may come in bursts (a sampled batch at a time): every one is drawn, so the count is never stale
+            with tqdm(total=len(todo), desc=desc, disable=not accelerator.is_main_process, mininterval=0) as bar:
+                def add(i: int, value) -> None:
+                    self.add(keys[i], value)
+                    bar.update()
+
+                produce(todo, add)
         accelerator.wait_for_everyone()
         self.reload()
         return int(accelerator.reduce(torch.tensor(float(len(todo)), device=accelerator.device), "sum").item())

@@ -206,5 +206,5 @@ def teacher_completions(teacher: nn.Module, tokenizer, rows: list[dict], path: P
         for k, c in sample_chunks(teacher, tokenizer, [prompt_of(rows[i]) for i in todo], params):
             add(todo[k], c.token_ids)
 
-    cache.fill(keys, accelerator, produce)
+    cache.fill(keys, accelerator, produce, "teacher completions")
     return [with_completion(prompt_of(row), cache[key]) for row, key in zip(rows, keys)]
