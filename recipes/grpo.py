@@ -74,7 +74,6 @@ class GRPOConfig(RolloutSection, DataSection, TrainConfig):
     lora_r: int = 16
     # On a real model, 64 full-length completions' activations need gradient checkpointing: without it a SmolLM2
     # step went past 24 GB (killed); with it, 3.7 GB peak and 141 s a step (16 a micro-batch without: 12.8 GB, 150 s).
-    # PPO's 16 completions: 15.5 GB without, 4.1 GB with.
     REAL_MODEL = {**TrainConfig.REAL_MODEL, "learning_rate": 1e-5, "num_train_epochs": 1.0,
                   "per_device_train_batch_size": 64, "max_completion_length": 256, "gradient_checkpointing": True}
 

@@ -75,6 +75,7 @@ class PPOConfig(RolloutSection, DataSection, TrainConfig):
     learning_rate: float = 2e-3
     num_train_epochs: float = 24.0
     lora_r: int = 16
+    # gradient checkpointing: a SmolLM2 step's peak went from 15.5 GB to 4.1 GB (16 completions of up to 256 tokens)
     REAL_MODEL = {**TrainConfig.REAL_MODEL, "learning_rate": 1e-5, "num_train_epochs": 1.0,
                   "per_device_train_batch_size": 16, "max_completion_length": 256, "gradient_checkpointing": True}
 
