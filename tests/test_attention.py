@@ -121,7 +121,7 @@ def test_flat_loss_and_lora_gradients_equal_the_per_document_sums(tiny_dir, chec
     model = _model(tiny_dir, "sdpa")
     use_document_attention(model)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     apply_lora(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

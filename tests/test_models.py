@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -101,11 +102,14 @@ def test_dtype(tiny_dir, dtype):
 
 
 def test_gradient_checkpointing_reaches_lora(tiny_dir, batch):
-    """With a frozen base, reentrant checkpointing would give LoRA no gradient; minift uses non-reentrant."""
+    """With a frozen base, reentrant checkpointing would give LoRA no gradient; minift uses non-reentrant, through
+    transformers' current API (its deprecated one warns on every run)."""
     grads = {}
     for ckpt in (False, True):
         torch.manual_seed(0)
-        model, _ = load_model_and_tokenizer(str(tiny_dir), gradient_checkpointing=ckpt)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            model, _ = load_model_and_tokenizer(str(tiny_dir), gradient_checkpointing=ckpt)
         apply_lora(model, LoraConfig(r=4, init_lora_weights=False))
         model.train()
         model(batch, labels=batch, use_cache=False).loss.backward()
