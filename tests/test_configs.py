@@ -106,8 +106,6 @@ def test_real_model_defaults_replace_the_demo_values_unless_given(tmp_path, caps
     assert (rl.learning_rate, rl.max_completion_length, rl.per_device_train_batch_size) == (1e-5, 256, 64)
     # 64 full-length completions of a real model: without checkpointing, SmolLM2's step went past 24 GB
     assert rl.gradient_checkpointing and not parse_config(grpo.GRPOConfig, []).gradient_checkpointing
-    ppo = load_recipe("ppo")
-    assert parse_config(ppo.PPOConfig, ["--model_name_or_path", "org/model"]).gradient_checkpointing
     stage = config_from_dict(dpo.DPOConfig, {"model_name_or_path": str(tmp_path)}, base_model="tiny")
     assert stage.learning_rate == 1e-3 and stage.beta == 1.0  # a tiny pipeline's merged start keeps the demo
     with pytest.raises(SystemExit):

@@ -102,7 +102,8 @@ def test_bad_configs_fail_with_one_clear_error(tiny_dir, tmp_path):
     cases = [(["--value_model", "twin"], "value_model must be adapter or shared"),
              (["--lora_r", "0"], "PPO keeps the start model as its reference"),
              (["--per_device_train_batch_size", "6", "--num_minibatches", "4"], "must divide into num_minibatches"),
-             (["--ppo_epochs", "2", "--save_steps", "3"], "save_steps (3) must be a multiple of ppo_epochs x")]
+             (["--ppo_epochs", "2", "--save_steps", "3"], "save_steps (3) must be a multiple of ppo_epochs x"),
+             (["--gradient_checkpointing", "true"], "gradient_checkpointing needs value_model shared")]
     for args, message in cases:
         proc = run_ppo(*args, "--output_dir", tmp_path / "out", timeout=120)
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, \
