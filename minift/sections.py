@@ -237,6 +237,13 @@ class RolloutSection:
                  (self.rollout_sync_steps >= 1 and self.tis_cap > 0 and self.rollout_timeout > 0,
                   "rollout_sync_steps must be >= 1, tis_cap and rollout_timeout > 0")])
 
+    def saves_between_rollouts(self, updates: int, name: str) -> tuple[bool, str]:
+        """The recipe's check that checkpoints fall between rollout batches, each serving ``updates`` optimizer steps
+        (as ``name`` sets them). ``updates`` below 1 passes here: the recipe's own check of ``name`` says so."""
+        return (updates < 1 or self.save_steps % updates == 0,
+                f"save_steps ({self.save_steps}) must be a multiple of {name} ({updates}): a checkpoint inside a "
+                f"rollout batch's updates could not be resumed exactly")
+
 
 @dataclasses.dataclass
 class DataSection:

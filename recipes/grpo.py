@@ -91,9 +91,7 @@ class GRPOConfig(RolloutSection, DataSection, TrainConfig):
                   (self.importance_sampling in ("token", "sequence"), "importance_sampling must be token or sequence"),
                   (self.epsilon >= 0 and self.beta >= 0, "epsilon and beta must be >= 0"),
                   (self.num_iterations >= 1 and self.max_refills >= 0, "num_iterations must be >= 1, max_refills >= 0"),
-                  (self.num_iterations == 1 or self.save_steps % self.num_iterations == 0,
-                   f"save_steps ({self.save_steps}) must be a multiple of num_iterations ({self.num_iterations}): "
-                   f"a checkpoint inside a rollout batch's updates could not be resumed exactly"),
+                  self.saves_between_rollouts(self.num_iterations, "num_iterations"),
                   (self.beta == 0 or self.lora_r > 0, "beta > 0 compares with the start model, which a full "
                                                       "fine-tune (lora_r 0) does not keep: train an adapter")]
         require(checks)

@@ -95,9 +95,7 @@ class PPOConfig(RolloutSection, DataSection, TrainConfig):
                   (self.per_device_train_batch_size % self.num_minibatches == 0,
                    f"per_device_train_batch_size ({self.per_device_train_batch_size}) must divide into "
                    f"num_minibatches ({self.num_minibatches})"),
-                  (self.save_steps % self.updates == 0,
-                   f"save_steps ({self.save_steps}) must be a multiple of ppo_epochs x num_minibatches ({self.updates}):"
-                   f" a checkpoint inside a rollout batch's updates could not be resumed exactly")]
+                  self.saves_between_rollouts(self.updates, "ppo_epochs x num_minibatches")]
         require(checks)
 
     @property

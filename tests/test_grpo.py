@@ -94,7 +94,8 @@ def test_bad_input_fails_before_training_with_one_clear_error(tiny_dir, tmp_path
              (["--reward", f"{tmp_path / 'bad_reward.py'}:nan", "--max_steps", "1"],
               "reward nan returned nan at prompt 0 (completion 0)"),
              (["--beta", "0.1", "--lora_r", "0"], "beta > 0 compares with the start model"),
-             (["--num_iterations", "2", "--save_steps", "3"], "save_steps (3) must be a multiple of num_iterations (2)")]
+             (["--num_iterations", "2", "--save_steps", "3"], "save_steps (3) must be a multiple of num_iterations (2)"),
+             (["--num_iterations", "0"], "num_iterations must be >= 1")]
     for args, message in cases:
         proc = run_grpo(*args, "--output_dir", tmp_path / "out", "--answer_eval_dataset", "none", timeout=300)
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, \

@@ -103,6 +103,7 @@ def test_bad_configs_fail_with_one_clear_error(tiny_dir, tmp_path):
              (["--lora_r", "0"], "PPO keeps the start model as its reference"),
              (["--per_device_train_batch_size", "6", "--num_minibatches", "4"], "must divide into num_minibatches"),
              (["--ppo_epochs", "2", "--save_steps", "3"], "save_steps (3) must be a multiple of ppo_epochs x"),
+             (["--ppo_epochs", "0"], "ppo_epochs and num_minibatches must be >= 1"),
              (["--gradient_checkpointing", "true"], "gradient_checkpointing needs value_model shared")]
     for args, message in cases:
         proc = run_ppo(*args, "--output_dir", tmp_path / "out", timeout=120)
