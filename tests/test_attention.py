@@ -178,7 +178,7 @@ def test_a_decoding_step_on_shared_prompts_equals_sdpa(dtype, tol):
         rows = len(slots)
         q = torch.randn(rows, 8, 1, 16, generator=g).to(dtype)
         k, v = (torch.randn(rows, 2, 4, 16, generator=g).to(dtype) for _ in range(2))
-        k.shared_prefix = (prompt_keys, prompt_values, slots, 3)
+        k.shared_prefix = (prompt_keys.transpose(-1, -2).contiguous(), prompt_values, slots, 3)
         keep = torch.ones(rows, 1, 1, 10, dtype=torch.bool)
         keep[slots < 3, ..., :2] = False  # prompt 0 is left-padded
         keep[:, ..., -1] = False  # the own buffer's unfilled tail

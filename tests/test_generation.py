@@ -155,6 +155,27 @@ def test_unfiltered_sampling_draws_from_the_softmax():
     assert _invert(torch.tensor([[0.0, 0.0, 0.5, 1.0]]), torch.zeros(1, 1)).item() == 2
 
 
+@pytest.mark.parametrize("vocab", [5, 256, 300, 49152])
+def test_the_cdf_is_inverted_block_by_block_as_over_the_whole_vocabulary(vocab):
+    """The sampler finds a draw's token block by block (block sums, then one block): the same index as a search of
+    the whole vocabulary's running sum in float64, for vocabularies of part of a block, one, several and a partial
+    last block; with zero weights, peaked weights, draws of 0 and just under 1; never a token of weight 0."""
+    from minift.train.sampling import _invert
+
+    g = torch.Generator().manual_seed(vocab)
+    for peak in (1, 8):
+        weights = torch.rand(64, vocab, generator=g) ** peak
+        weights[weights < 0.3 ** peak] = 0
+        weights[:, -1] += weights.sum(-1) == 0  # every row has some weight
+        draws = torch.rand(64, 1, generator=g)
+        draws[0], draws[1] = 0.0, 1 - 2 ** -24
+        running = weights.double().cumsum(-1)
+        expected = torch.searchsorted(running, draws.double() * running[:, -1:], right=True).squeeze(1)
+        picked = _invert(weights, draws)
+        assert torch.equal(picked, expected)
+        assert (weights.gather(1, picked[:, None]) > 0).all()
+
+
 def test_rows_of_different_lengths_leave_the_batch(gen):
     """A batch whose rows stop at different budgets equals each row generated alone."""
     budgets = [SamplingParams(max_new_tokens=k) for k in (3, 30, 11)]

@@ -46,7 +46,7 @@ def document_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     if shared is not None:  # what the shared path does not implement: each row's whole cache, as sdpa takes it
         prompt_keys, prompt_values, slots, group = shared
         key, value = (torch.cat([prompt[slots // group], own], dim=-2) for prompt, own in
-                      ((prompt_keys, key), (prompt_values, value)))
+                      ((prompt_keys.transpose(-1, -2), key), (prompt_values, value)))
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -82,12 +82,14 @@ def _shared_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torc
                              shared: tuple) -> tuple[torch.Tensor, None]:
     """One decoding step whose rows are completions of a few prompts: ``key`` / ``value`` hold each row's own
     tokens, ``shared`` the prompts' (``(keys, values, slots, group)``: row ``i`` is completion ``slots[i] % group``
-    of prompt ``slots[i] // group``; the mask covers the prompt's positions, then the row's). A prompt's keys are
-    read once for all its completions: its rows' queries are stacked into one matmul against them. One softmax
-    over both parts, in float32."""
+    of prompt ``slots[i] // group``; the prompts' keys are stored transposed, ``(prompts, kv_heads, head_dim,
+    width)``, and their values contiguous, so no step copies them; the mask covers the prompt's positions, then
+    the row's). A prompt's keys are read once for all its completions: its rows' queries are stacked into one
+    matmul against them. The rows' own keys are read in their cache layout (``key @ qᵀ``: a matmul against a
+    transposed cache would copy it every step). One softmax over both parts, in float32."""
     prompt_keys, prompt_values, slots, group = shared
     batch, heads, _, dim = query.shape
-    prompts, kv_heads, width, _ = prompt_keys.shape
+    prompts, kv_heads, _, width = prompt_keys.shape
     groups = heads // kv_heads
     complete = len(slots) == prompts * group  # no row has left: the rows are the (prompt, completion) grid
 
@@ -102,7 +104,7 @@ def _shared_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torc
         return rows if complete else rows[slots]
 
     q = query.view(batch, kv_heads, groups, dim)
-    scores = torch.cat([to_rows(to_grid(q) @ prompt_keys.transpose(-1, -2)), q @ key.transpose(-1, -2)], dim=-1)
+    scores = torch.cat([to_rows(to_grid(q) @ prompt_keys), (key @ q.transpose(-1, -2)).transpose(-1, -2)], dim=-1)
     scores = scores.float() * (dim ** -0.5 if scaling is None else scaling)
     if attention_mask is not None:  # (B, 1, 1, prompt + own keys): bool (True = attend) or additive
         mask = attention_mask[:, :, -1:, -scores.shape[-1]:]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -118,11 +119,11 @@ class _Row:
         return new
 
 
-def _pick(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-    """Next token per row ``(B,)`` from raw logits ``(B, V)``: argmax for greedy rows; otherwise temperature,
-    top-k, top-p and min-p filtering, then one uniform draw from the row's generator through the CDF. Rows with
-    no filter take the CDF in vocabulary order (no sort: a full-vocabulary sort per step costs more than the
-    model's linear layers on a small model); the others in descending order, which the filters need."""
+def _pick(logits: torch.Tensor, probs: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+    """Next token per row ``(B,)`` from raw logits ``(B, V)`` and their softmax: argmax for greedy rows; otherwise
+    temperature, top-k, top-p and min-p filtering, then one uniform draw from the row's generator through the CDF.
+    Rows with no filter take the CDF in vocabulary order (no sort: a full-vocabulary sort per step costs more than
+    the model's linear layers on a small model); the others in descending order, which the filters need."""
     sampled = [i for i, r in enumerate(rows) if r.params.temperature > 0]
     if len(sampled) < len(rows):
         choice = logits.argmax(-1)
@@ -137,7 +138,10 @@ def _pick(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
             index = torch.tensor(group, device=logits.device)
             temps = [rows[i].params.temperature for i in group]
             draws = torch.cat([torch.rand(1, generator=rows[i].generator) for i in group]).to(logits.device)[:, None]
-            # the common case (every row sampled alike at temperature 1) skips two passes over the logits
+            # the common case (every row sampled alike at temperature 1) draws from the softmax already taken
+            if group is plain and len(group) == len(rows) and all(t == 1 for t in temps):
+                choice[index] = _invert(probs, draws)
+                continue
             scaled = logits if len(group) == len(rows) else logits[index]
             if any(t != 1 for t in temps):
                 scaled = scaled / torch.tensor(temps, device=logits.device)[:, None]
@@ -151,7 +155,7 @@ def _filters(p: SamplingParams) -> bool:
 
 
 def _draw_plain(scaled: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-    return _invert(scaled.softmax(-1).cumsum(-1), draws)
+    return _invert(scaled.softmax(-1), draws)
 
 
 def _draw_filtered(scaled: torch.Tensor, params: list[SamplingParams], draws: torch.Tensor) -> torch.Tensor:
@@ -164,14 +168,32 @@ def _draw_filtered(scaled: torch.Tensor, params: list[SamplingParams], draws: to
     min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
     drop = (rank >= top_k) | (probs.cumsum(-1) - probs > top_p) | (probs < min_p * probs[:, :1])
     drop[:, 0] = False  # the most likely token always survives
-    position = _invert(probs.masked_fill(drop, 0).cumsum(-1), draws)
+    position = _invert(probs.masked_fill(drop, 0), draws)
     return order.gather(1, position[:, None]).squeeze(1)
 
 
-def _invert(cdf: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-    """The index where each row's (unnormalized) CDF first exceeds ``draw x total``: a token of zero probability
-    can never be it, not even for a draw of 0."""
-    return torch.searchsorted(cdf, draws * cdf[:, -1:], right=True).squeeze(1).clamp(max=cdf.shape[-1] - 1)
+BLOCK = 256
+
+
+def _invert(weights: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """The index where the running sum of each row's ``weights`` (unnormalized probabilities ``(B, V)``) first
+    exceeds ``draw x total``: a token of zero probability can never be it, not even for a draw of 0. Found block by
+    block (the block's end in the running sum of block sums, then the token inside that block): a running sum over
+    the whole vocabulary is sequential along each row, 2.5 ms of a decoding step for 32 rows of SmolLM2's 49,152
+    logits. Rounding between the two sums may point just outside the block's nonzero weights; the pick is kept
+    inside them."""
+    rows, size = weights.shape
+    blocks = (F.pad(weights, (0, -size % BLOCK)) if size % BLOCK else weights).view(rows, -1, BLOCK)
+    sums = blocks.sum(-1)
+    ends = sums.cumsum(-1)
+    target = draws * ends[:, -1:]
+    block = torch.searchsorted(ends, target, right=True).clamp(max=ends.shape[1] - 1)
+    inside = blocks.gather(1, block[:, :, None].expand(-1, 1, BLOCK)).squeeze(1)
+    start = ends.gather(1, block) - sums.gather(1, block)
+    within = torch.searchsorted(inside.cumsum(-1), target - start, right=True)
+    nonzero = (inside > 0).int()
+    first, last = nonzero.argmax(-1, keepdim=True), BLOCK - 1 - nonzero.flip(-1).argmax(-1, keepdim=True)
+    return (block * BLOCK + within.clamp(min=first, max=last)).squeeze(1).clamp(max=size - 1)
 
 
 @torch.inference_mode()
@@ -251,16 +273,16 @@ class _SharedPrefixLayer(_ChunkedLayer):
     """A :class:`_ChunkedLayer` that keeps each prompt's keys and values once, however many completions it has
     (``minift_sdpa`` models). The prefill stores the prompts' as the prefix; after it, the chunked buffers hold
     each row's own tokens only. The keys it returns carry the prefix as ``shared_prefix``: ``(keys, values,
-    slots, group)``, where row ``i`` is completion ``slots[i] % group`` of prompt ``slots[i] // group``. A decoding
-    step's attention (minift/model/attention.py) then reads a prompt's cache once for all its completions,
-    instead of once per row from ``group`` copies: on SmolLM2 with 8 completions of 128-token prompts, that was
-    a fifth of a step, spent reading the cache."""
+    slots, group)`` (the keys transposed, as the attention reads them), where row ``i`` is completion
+    ``slots[i] % group`` of prompt ``slots[i] // group``. A decoding step's attention (minift/model/attention.py)
+    then reads a prompt's cache once for all its completions, instead of once per row from ``group`` copies: on
+    SmolLM2 with 8 completions of 128-token prompts, that was a fifth of a step, spent reading the cache."""
 
     prefix: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.prefix is None:  # the prefill: the prompts attend to themselves as usual
-            self.prefix, self.group = (key_states, value_states), 1
+            self.prefix, self.group = (key_states.transpose(-1, -2).contiguous(), value_states.contiguous()), 1
             self.slots = torch.arange(len(key_states), device=key_states.device)
             return key_states, value_states
         keys, values = super().update(key_states, value_states)
@@ -268,7 +290,7 @@ class _SharedPrefixLayer(_ChunkedLayer):
         return keys, values
 
     def _width(self) -> int:
-        return self.prefix[0].shape[-2] if self.prefix is not None else 0
+        return self.prefix[1].shape[-2] if self.prefix is not None else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.prefix is None:
@@ -329,12 +351,12 @@ def _decode(model, tokenizer, prompts, params, n, on_text) -> list[Completion]:
     last_position = mask.sum(-1) - 1
     while alive:
         logits = logits.float()
-        logprobs = logits.log_softmax(-1)
-        tokens = _pick(logits, [rows[k] for k in alive])
-        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+        probs = logits.softmax(-1)
+        tokens = _pick(logits, probs, [rows[k] for k in alive])
+        chosen = probs.gather(1, tokens[:, None]).squeeze(1).log().tolist()
         picked = tokens.tolist()
         k_top = max(rows[k].params.top_logprobs for k in alive)
-        top = logprobs.topk(k_top, dim=-1) if k_top else None
+        top = logits.log_softmax(-1).topk(k_top, dim=-1) if k_top else None
         keep = []
         for slot, k in enumerate(alive):
             alts = []
