@@ -89,9 +89,6 @@ class PPOConfig(RolloutSection, DataSection, TrainConfig):
                   (self.cliprange > 0 and self.cliprange_value > 0 and self.vf_coef >= 0,
                    "cliprange and cliprange_value must be > 0, vf_coef >= 0"),
                   (self.ppo_epochs >= 1 and self.num_minibatches >= 1, "ppo_epochs and num_minibatches must be >= 1"),
-                  (not (self.gradient_checkpointing and self.value_model == "adapter"),
-                   "gradient_checkpointing needs value_model shared: the value adapter's pass switches adapters, "
-                   "which a checkpointed layer's recomputation in the backward would not see"),
                   (self.per_device_train_batch_size % self.num_minibatches == 0,
                    f"per_device_train_batch_size ({self.per_device_train_batch_size}) must divide into "
                    f"num_minibatches ({self.num_minibatches})"),
@@ -162,28 +159,31 @@ def minibatch_rows(cfg: PPOConfig, step: int, rows: int) -> torch.Tensor:
 def ppo_step(accelerator, wrapper, cfg: PPOConfig, window: list[dict], step: int, names: list[str]) -> dict:
     """The clipped policy and value losses over this step's minibatch of each micro-batch, normalized by the
     completion tokens of all of them on every process. With a value adapter the policy and value passes each get
-    their own backward (only one pass's activations alive at a time) under ``no_sync``, and the step's gradients
-    are averaged over processes once at the end (DDP's own reduction skips parameters a pass leaves unused)."""
+    their own backward (only one pass's activations alive at a time; each inside its pass's adapters, where
+    gradient checkpointing recomputes it) under ``no_sync``, and the step's gradients are averaged over processes
+    once at the end (DDP's own reduction skips parameters a pass leaves unused)."""
     record = Rollouts.window_means(accelerator, window, names)
     parts = [{k: v[minibatch_rows(cfg, step, len(batch["input_ids"]))] for k, v in batch.items()} for batch in window]
     masks = [b["labels"][:, 1:] != IGNORE_INDEX for b in parts]
     tokens = accelerator.reduce(torch.tensor(float(sum(int(m.sum()) for m in masks)), device=accelerator.device), "sum")
     stats = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
-    two_passes = cfg.value_model == "adapter"
+    two_passes, policy_value = cfg.value_model == "adapter", accelerator.unwrap_model(wrapper)
     for i, (batch, mask) in enumerate(zip(parts, masks)):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
         share = mask.sum() / tokens  # this micro-batch's share of the step's tokens (all processes)
         scale = share * accelerator.num_processes
         with accelerator.no_sync(wrapper) if two_passes or i < len(parts) - 1 else contextlib.nullcontext():
-            logps, values = (wrapper(**inputs, part="policy"), None) if two_passes else wrapper(**inputs)
-            policy_loss, policy_stats = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask,
-                                                        clip_range=cfg.cliprange, weights=batch.get("tis_weights"))
-            if two_passes:  # the policy pass's activations are freed before the value pass stores its own
-                accelerator.backward(policy_loss * scale)
-                values = wrapper(**inputs, part="value")
-            value_loss, value_stats = ppo_value_loss(values, batch["old_values"], batch["returns"], mask,
-                                                     clip_range=cfg.cliprange_value)
-            accelerator.backward((cfg.vf_coef * value_loss + (0 if two_passes else policy_loss)) * scale)
+            with policy_value.adapters_of("policy" if two_passes else "both"):
+                logps, values = (wrapper(**inputs, part="policy"), None) if two_passes else wrapper(**inputs)
+                policy_loss, policy_stats = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask,
+                                                            clip_range=cfg.cliprange, weights=batch.get("tis_weights"))
+                if two_passes:  # the policy pass's activations are freed before the value pass stores its own
+                    accelerator.backward(policy_loss * scale)
+            with policy_value.adapters_of("value" if two_passes else "both"):
+                values = wrapper(**inputs, part="value") if two_passes else values
+                value_loss, value_stats = ppo_value_loss(values, batch["old_values"], batch["returns"], mask,
+                                                         clip_range=cfg.cliprange_value)
+                accelerator.backward((cfg.vf_coef * value_loss + (0 if two_passes else policy_loss)) * scale)
         loss = (policy_loss.detach() + cfg.vf_coef * value_loss.detach()) * share
         weights = torch.stack([policy_loss.detach(), value_loss.detach(), policy_stats["clip_frac"],
                                policy_stats["approx_kl"], value_stats["value_clip_frac"],

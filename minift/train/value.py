@@ -37,6 +37,13 @@ class PolicyValue(nn.Module):
         """The model as the policy alone (the value adapter off): for sampling and greedy evaluation."""
         return self._off([self.value_adapter] if self.value_adapter else [])
 
+    def adapters_of(self, part: str):
+        """The adapters of one pass: "policy" the value adapter off, "value" the policy's off, "both" as they are.
+        A pass's backward must run inside it too, where gradient checkpointing recomputes the pass's layers."""
+        if part == "value" and self.value_adapter:
+            return self._off([DEFAULT_ADAPTER])
+        return self.policy_only() if part == "policy" else contextlib.nullcontext()
+
     def forward(self, input_ids, attention_mask, labels, part: str = "both"):
         """``(logps, values)``; with a value adapter, ``part`` "policy" or "value" runs that pass alone and returns its
         tensor, so that a backward after each pass frees its activations before the next pass stores its own."""
@@ -44,13 +51,13 @@ class PolicyValue(nn.Module):
         labelled = labels[:, 1:] != IGNORE_INDEX
         zeros = torch.zeros(labelled.shape, dtype=torch.float32, device=input_ids.device)
         if part != "value" or not self.value_adapter:
-            with self.policy_only():
+            with self.adapters_of("policy"):
                 hidden, targets = self.logps.labelled_hidden(batch)
                 logps = zeros.masked_scatter(labelled, self.logps.labelled_logps(batch, (hidden, targets)))
             if part == "policy":
                 return logps
         if self.value_adapter:
-            with self._off([DEFAULT_ADAPTER]):
+            with self.adapters_of("value"):
                 hidden, _ = self.logps.labelled_hidden(batch)
         head = self.model.value_head
         values = zeros.masked_scatter(labelled, head(hidden.to(head.weight.dtype)).squeeze(-1).float())
