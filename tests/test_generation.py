@@ -155,6 +155,19 @@ def test_unfiltered_sampling_draws_from_the_softmax():
     assert _invert(torch.tensor([[0.0, 0.0, 0.5, 1.0]]), torch.zeros(1, 1)).item() == 2
 
 
+def test_a_token_far_below_the_others_gets_its_exact_logprob():
+    """A token drawn at a high temperature whose probability at temperature 1 underflows float32 (here e^-200)
+    still gets its log-probability, -200, not -inf; the others the log of their softmax."""
+    from minift.train.sampling import _chosen_logprobs
+
+    logits = torch.tensor([[0.0, -200.0, -1.0], [0.0, -1.0, -2.0]])
+    tokens = torch.tensor([1, 2])
+    expected = logits.double().log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+    chosen = _chosen_logprobs(logits, logits.softmax(-1), tokens)
+    assert torch.allclose(chosen.double(), expected, atol=1e-5)
+    assert torch.allclose(_chosen_logprobs(logits[1:], logits[1:].softmax(-1), tokens[1:]).double(), expected[1:])
+
+
 @pytest.mark.parametrize("vocab", [5, 256, 300, 49152])
 def test_the_cdf_is_inverted_block_by_block_as_over_the_whole_vocabulary(vocab):
     """The sampler finds a draw's token block by block (block sums, then one block): the same index as a search of

@@ -196,6 +196,15 @@ def _invert(weights: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     return (block * BLOCK + within.clamp(min=first, max=last)).squeeze(1).clamp(max=size - 1)
 
 
+def _chosen_logprobs(logits: torch.Tensor, probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Each row's log-probability of its token: the log of the softmax already taken, unless a token's probability
+    is too small for float32 to hold it well (drawn at a high temperature); then from a log-softmax."""
+    chosen = probs.gather(1, tokens[:, None]).squeeze(1)
+    if bool((chosen > 1e-30).all()):
+        return chosen.log()
+    return logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+
+
 @torch.inference_mode()
 def sample(model: nn.Module, tokenizer, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], *,
            n: int = 1, on_text: Callable[[int, str, Completion | None], bool | None] | None = None) -> list[Completion]:
@@ -353,7 +362,7 @@ def _decode(model, tokenizer, prompts, params, n, on_text) -> list[Completion]:
         logits = logits.float()
         probs = logits.softmax(-1)
         tokens = _pick(logits, probs, [rows[k] for k in alive])
-        chosen = probs.gather(1, tokens[:, None]).squeeze(1).log().tolist()
+        chosen = _chosen_logprobs(logits, probs, tokens).tolist()
         picked = tokens.tolist()
         k_top = max(rows[k].params.top_logprobs for k in alive)
         top = logits.log_softmax(-1).topk(k_top, dim=-1) if k_top else None
