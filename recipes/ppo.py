@@ -36,6 +36,7 @@ from minift.losses import (
     ppo_value_loss,
 )
 from minift.sections import DataSection, RolloutSection, TrainConfig
+from minift.train.forward import evaluation_mode
 from minift.train.remote import tis_weights
 from minift.train.rewards import Rewards
 from minift.train.rollouts import Rollouts, online_inputs, rollout_params
@@ -122,11 +123,9 @@ class PPOBatches:
         sampled = batch.pop("sampler_logps")
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
         mask = batch["labels"][:, 1:] != IGNORE_INDEX
-        was_training = self.model.training
-        self.model.eval()
-        logps, values = self.model(**inputs)
-        ref = self.model.reference(**inputs)
-        self.model.train(was_training)
+        with evaluation_mode(self.model):
+            logps, values = self.model(**inputs)
+            ref = self.model.reference(**inputs)
         scores = batch.pop("rewards") - cfg.missing_eos_penalty * batch["truncated"].double()
         rewards, kl = kl_penalized_rewards(scores.float(), logps, ref, mask, self.kl.value)
         advantages, returns = gae_advantages(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
@@ -173,13 +172,13 @@ def ppo_step(accelerator, wrapper, cfg: PPOConfig, window: list[dict], step: int
         share = mask.sum() / tokens  # this micro-batch's share of the step's tokens (all processes)
         scale = share * accelerator.num_processes
         with accelerator.no_sync(wrapper) if two_passes or i < len(parts) - 1 else contextlib.nullcontext():
-            with policy_value.adapters_of("policy" if two_passes else "both"):
+            with policy_value.adapters_of("policy"):
                 logps, values = (wrapper(**inputs, part="policy"), None) if two_passes else wrapper(**inputs)
                 policy_loss, policy_stats = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask,
                                                             clip_range=cfg.cliprange, weights=batch.get("tis_weights"))
                 if two_passes:  # the policy pass's activations are freed before the value pass stores its own
                     accelerator.backward(policy_loss * scale)
-            with policy_value.adapters_of("value" if two_passes else "both"):
+            with policy_value.adapters_of("value"):
                 values = wrapper(**inputs, part="value") if two_passes else values
                 value_loss, value_stats = ppo_value_loss(values, batch["old_values"], batch["returns"], mask,
                                                          clip_range=cfg.cliprange_value)

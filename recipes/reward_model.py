@@ -26,6 +26,7 @@ from minift.data.packing import collate_padded
 from minift.data.read import train_eval_records
 from minift.losses import reward_model_loss
 from minift.sections import DataSection, TrainConfig
+from minift.train.forward import evaluation_mode
 from minift.train.rewards import reward_text
 from minift.train.stage import Stage, run_recipe
 
@@ -124,13 +125,10 @@ def main(cfg: RewardConfig) -> dict:
 
     @torch.no_grad()
     def evaluate(wrapper) -> dict[str, float]:
-        was_training = wrapper.training
-        wrapper.eval()
         sums = torch.zeros(5, dtype=torch.float64)
-        with accelerator.autocast():
+        with accelerator.autocast(), evaluation_mode(wrapper):
             for batch in eval_batches:
                 sums += pair_sums(wrapper(**{k: v.to(accelerator.device) for k, v in batch.items()}), cfg)[1].cpu()
-        wrapper.train(was_training)
         return means(accelerator.reduce(sums.to(accelerator.device), "sum").cpu(), "eval_")
 
     scorer = stage.prepare(scorer, batches, evaluate=evaluate if pairs["eval"] else None)

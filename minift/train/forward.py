@@ -18,6 +18,17 @@ from minift.losses.lm_head import segment_sums, token_logprobs
 from minift.model.attention import flat_forward
 
 
+@contextlib.contextmanager
+def evaluation_mode(module: nn.Module):
+    """``module`` in eval mode (no dropout) for the block, then back in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 def trained_tokens(batch: dict) -> torch.Tensor:
     """Tokens that are prediction targets (labels shifted by one, as the model uses them)."""
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
@@ -180,14 +191,11 @@ class DistillLoss(CausalLMLoss):
 
 def evaluate(accelerator, loss_model: CausalLMLoss, batches: list[dict]) -> dict[str, float]:
     """Loss, perplexity and token accuracy over this process's eval batches, summed over processes."""
-    was_training = loss_model.training
-    loss_model.eval()
     sums = torch.zeros(3, dtype=torch.float64)
-    with accelerator.autocast():
+    with accelerator.autocast(), evaluation_mode(loss_model):
         for batch in batches:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             sums += accelerator.unwrap_model(loss_model).eval_sums(batch)  # DDP does not expose eval_sums
-    loss_model.train(was_training)
     sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
     loss = (sums[0] / sums[2]).item() if sums[2] else float("nan")
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_token_acc": (sums[1] / sums[2]).item()}

@@ -23,7 +23,7 @@ import torch
 
 from minift.constants import IGNORE_INDEX
 from minift.data.packing import collate_padded
-from minift.train.forward import TokenLogprobs
+from minift.train.forward import TokenLogprobs, evaluation_mode
 
 RUBRIC = "Judge correctness first, then helpfulness and brevity."
 PAIRWISE = ("{rubric}\n\nQuestion:\n{prompt}\n\nAnswer A:\n{first}\n\nAnswer B:\n{second}\n\n"
@@ -88,16 +88,14 @@ class LocalJudge(_Judge):
         single = all(len(r) == 1 for r in reply_ids)  # one row per question scores every reply at once
         rows = [{"input_ids": q + r, "labels": [IGNORE_INDEX] * len(q) + r}
                 for q in map(self._prompt_ids, questions) for r in (reply_ids[:1] if single else reply_ids)]
-        was_training = self.model.training
-        self.model.eval()
         scores, device = [], next(self.model.parameters()).device
-        for at in range(0, len(rows), self.batch_size):
-            batch = collate_padded(rows[at: at + self.batch_size], self.tokenizer.pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logps = (self.logps.candidate_logps(batch, [r[0] for r in reply_ids]) if single else
-                     self.logps(**batch).sum(-1))
-            scores.append(logps.double().cpu())
-        self.model.train(was_training)
+        with evaluation_mode(self.model):
+            for at in range(0, len(rows), self.batch_size):
+                batch = collate_padded(rows[at: at + self.batch_size], self.tokenizer.pad_token_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                logps = (self.logps.candidate_logps(batch, [r[0] for r in reply_ids]) if single else
+                         self.logps(**batch).sum(-1))
+                scores.append(logps.double().cpu())
         return torch.cat(scores).view(len(questions), len(replies)).softmax(-1)
 
 

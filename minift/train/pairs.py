@@ -27,6 +27,7 @@ from minift.data.packing import CHOSEN, collate_flat, collate_padded, pack_pairs
 from minift.lora.layers import disable_adapters
 from minift.losses import DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
 from minift.model.files import set_usual_modes
+from minift.train.forward import evaluation_mode
 from minift.train.generation import generate
 
 logger = logging.getLogger(__name__)
@@ -143,15 +144,11 @@ class Reference:
         if self.tables is not None:
             table = self.tables[split].to(batch["pair_index"].device)[batch["pair_index"]]
             return table[:, 0], table[:, 1]
-        was_training = self.logps_model.training
-        self.logps_model.eval()  # no dropout in the reference
-        try:
-            # a full fine-tune (adapter None) only gets here to precompute, before any training step
-            off = disable_adapters(self.logps_model.model, [self.adapter]) if self.adapter else contextlib.nullcontext()
-            with off:
-                chosen, rejected, _, _ = pair_logps(self.logps_model, batch)
-        finally:
-            self.logps_model.train(was_training)
+        # no dropout in the reference; a full fine-tune (adapter None) only gets here to precompute, before any
+        # training step
+        off = disable_adapters(self.logps_model.model, [self.adapter]) if self.adapter else contextlib.nullcontext()
+        with evaluation_mode(self.logps_model), off:
+            chosen, rejected, _, _ = pair_logps(self.logps_model, batch)
         return chosen, rejected
 
     def precompute(self, accelerator, splits: dict[str, list[list[dict]]], collate, path: Path, key: str) -> None:

@@ -19,6 +19,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from minift.model.attention import NAME as ATTENTION
+from minift.train.forward import evaluation_mode
 
 
 @dataclass(frozen=True)
@@ -220,12 +221,8 @@ def sample(model: nn.Module, tokenizer, prompts: list[list[int]], params: Sampli
         raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
     if not prompts or any(not p for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluation_mode(model):
         return _decode(model, tokenizer, prompts, params, n, on_text)
-    finally:
-        model.train(was_training)
 
 
 def sample_chunks(model: nn.Module, tokenizer, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],

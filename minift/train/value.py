@@ -38,11 +38,9 @@ class PolicyValue(nn.Module):
         return self._off([self.value_adapter] if self.value_adapter else [])
 
     def adapters_of(self, part: str):
-        """The adapters of one pass: "policy" the value adapter off, "value" the policy's off, "both" as they are.
+        """The adapters of one pass: "policy" the value adapter off, "value" (with a value adapter) the policy's off.
         A pass's backward must run inside it too, where gradient checkpointing recomputes the pass's layers."""
-        if part == "value" and self.value_adapter:
-            return self._off([DEFAULT_ADAPTER])
-        return self.policy_only() if part == "policy" else contextlib.nullcontext()
+        return self._off([DEFAULT_ADAPTER]) if part == "value" and self.value_adapter else self.policy_only()
 
     def forward(self, input_ids, attention_mask, labels, part: str = "both"):
         """``(logps, values)``; with a value adapter, ``part`` "policy" or "value" runs that pass alone and returns its
