@@ -155,7 +155,8 @@ def minibatch_rows(cfg: PPOConfig, step: int, rows: int) -> torch.Tensor:
     return order[part * size: (part + 1) * size]
 
 
-def ppo_step(accelerator, wrapper, cfg: PPOConfig, window: list[dict], step: int, names: list[str]) -> dict:
+def ppo_step(accelerator, wrapper, policy_value: PolicyValue, cfg: PPOConfig, window: list[dict], step: int,
+             names: list[str]) -> dict:
     """The clipped policy and value losses over this step's minibatch of each micro-batch, normalized by the
     completion tokens of all of them on every process. With a value adapter the policy and value passes each get
     their own backward (only one pass's activations alive at a time; each inside its pass's adapters, where
@@ -166,7 +167,7 @@ def ppo_step(accelerator, wrapper, cfg: PPOConfig, window: list[dict], step: int
     masks = [b["labels"][:, 1:] != IGNORE_INDEX for b in parts]
     tokens = accelerator.reduce(torch.tensor(float(sum(int(m.sum()) for m in masks)), device=accelerator.device), "sum")
     stats = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
-    two_passes, policy_value = cfg.value_model == "adapter", accelerator.unwrap_model(wrapper)
+    two_passes = cfg.value_model == "adapter"
     for i, (batch, mask) in enumerate(zip(parts, masks)):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
         share = mask.sum() / tokens  # this micro-batch's share of the step's tokens (all processes)
@@ -211,7 +212,7 @@ def main(cfg: PPOConfig) -> dict:
     stage.resume()
     kl.value = stage.state.setdefault("kl_coef", kl.value)  # a resumed run goes on with the saved coefficient
     for window in stage.steps():  # (the window's rollouts are made as stage.steps() yields it)
-        record = ppo_step(accelerator, wrapper, cfg, window, stage.state["step"] + 1, make.names)
+        record = ppo_step(accelerator, wrapper, policy_value, cfg, window, stage.state["step"] + 1, make.names)
         stage.state["kl_coef"] = kl.value
         stage.update(record["loss"], record, units=stage.rows_per_step / cfg.updates)
     with policy_value.policy_only():  # the final greedy evaluation is the policy's

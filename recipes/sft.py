@@ -99,8 +99,9 @@ def main(cfg: SFTConfig) -> dict:
     chunk, world = cfg.per_device_eval_batch_size, accelerator.num_processes
     eval_batches = [collate(eval_rows[i: i + chunk])
                     for i in range(0, len(eval_rows), chunk)][accelerator.process_index::world]
-    loss_model = stage.prepare(CausalLMLoss(model), batches, evaluate=(  # every process, even one without a batch
-        lambda wrapped: evaluate(accelerator, wrapped, eval_batches)) if eval_rows else None)
+    causal_lm = CausalLMLoss(model)
+    loss_model = stage.prepare(causal_lm, batches, evaluate=(  # every process, even one without a batch
+        lambda _: evaluate(accelerator, causal_lm, eval_batches)) if eval_rows else None)
     stage.resume()
 
     for window in stage.steps():

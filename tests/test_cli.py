@@ -58,7 +58,8 @@ def test_a_mistake_is_one_error_line_and_nothing_else(tiny_dir, tmp_path):
 @pytest.mark.slow
 def test_a_wheel_install_runs_sft_from_an_empty_directory(tiny_dir, tmp_path):
     """``pip install .`` (not editable) into a fresh environment, then ``minift sft --max_steps 2`` from an empty
-    directory: it trains, writes its adapter where its summary says, and prints no warning of Accelerate's. The
+    directory: it trains, writes its adapter where its summary says, and prints no warning of Accelerate's (nor
+    DeepSpeed's CPU-accelerator line: a run without DeepSpeed never imports it, installed or not). The
     installed package holds every module, recipe, tool, config and data file of the checkout. (The fresh
     environment borrows this one's site-packages for torch and the other dependencies, with no network.)"""
     env_dir = tmp_path / "env"
@@ -85,6 +86,7 @@ def test_a_wheel_install_runs_sft_from_an_empty_directory(tiny_dir, tmp_path):
                           cwd=empty, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "were not passed" not in proc.stderr and "Traceback" not in proc.stderr
+    assert "accelerator to CPU" not in proc.stdout + proc.stderr, proc.stdout[-3000:]
     assert "  adapter: out/sft/adapter" in proc.stderr.splitlines(), proc.stderr[-3000:]  # the summary (a log)
     assert (empty / "out" / "sft" / "adapter" / "adapter_model.safetensors").is_file()
     assert (empty / "out" / "sft" / "run.json").is_file()

@@ -85,7 +85,7 @@ def worker(role: str, args: argparse.Namespace) -> dict:
         make.rollouts.G = G  # GRPO's sampling: each prompt prefilled once for its 8 completions
 
         def update(batch: dict, step: int) -> None:
-            ppo.ppo_step(accelerator, prepared, cfg, [batch], step, make.names)
+            ppo.ppo_step(accelerator, prepared, wrapper, cfg, [batch], step, make.names)
     params = [p for p in model.parameters() if p.requires_grad]
     prepared, optimizer = accelerator.prepare(wrapper, torch.optim.AdamW(params, lr=SFT_LR, weight_decay=0.0))
     before = reset_peak_rss()

@@ -195,7 +195,7 @@ def evaluate(accelerator, loss_model: CausalLMLoss, batches: list[dict]) -> dict
     with accelerator.autocast(), evaluation_mode(loss_model):
         for batch in batches:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            sums += accelerator.unwrap_model(loss_model).eval_sums(batch)  # DDP does not expose eval_sums
+            sums += loss_model.eval_sums(batch)
     sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
     loss = (sums[0] / sums[2]).item() if sums[2] else float("nan")
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_token_acc": (sums[1] / sums[2]).item()}
