@@ -35,7 +35,7 @@ from minift.losses import (
     rloo_rewards,
 )
 from minift.sections import DataSection, RolloutSection, TrainConfig
-from minift.train.forward import TokenLogprobs
+from minift.train.forward import TokenLogprobs, total_tokens
 from minift.train.remote import tis_weights
 from minift.train.rewards import Rewards
 from minift.train.rollouts import Rollouts, online_inputs, rollout_params
@@ -139,8 +139,7 @@ def grpo_step(accelerator, logps_model, cfg: GRPOConfig, window: list[dict], nam
     on the next ones when ``num_iterations > 1``."""
     masks = [(b["labels"][:, 1:] != IGNORE_INDEX) & ~(b["truncated"][:, None] & cfg.mask_truncated_completions)
              for b in window]
-    tokens = torch.tensor(float(sum(int(m.sum()) for m in masks)), device=accelerator.device)
-    num_items = accelerator.reduce(tokens, "sum") / accelerator.num_processes
+    num_items = total_tokens(accelerator, (m.sum() for m in masks)) / accelerator.num_processes
     totals, stats = torch.zeros((), device=accelerator.device), []
     kl_beta = cfg.beta if cfg.advantage == "grpo" else 0.0  # RLOO's KL is in its rewards, not a loss term
     remote = "sampler_logps" in window[0]

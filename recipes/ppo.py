@@ -36,7 +36,7 @@ from minift.losses import (
     ppo_value_loss,
 )
 from minift.sections import DataSection, RolloutSection, TrainConfig
-from minift.train.forward import evaluation_mode
+from minift.train.forward import evaluation_mode, total_tokens
 from minift.train.remote import tis_weights
 from minift.train.rewards import Rewards
 from minift.train.rollouts import Rollouts, online_inputs, rollout_params
@@ -165,7 +165,7 @@ def ppo_step(accelerator, wrapper, policy_value: PolicyValue, cfg: PPOConfig, wi
     record = Rollouts.window_means(accelerator, window, names)
     parts = [{k: v[minibatch_rows(cfg, step, len(batch["input_ids"]))] for k, v in batch.items()} for batch in window]
     masks = [b["labels"][:, 1:] != IGNORE_INDEX for b in parts]
-    tokens = accelerator.reduce(torch.tensor(float(sum(int(m.sum()) for m in masks)), device=accelerator.device), "sum")
+    tokens = total_tokens(accelerator, (m.sum() for m in masks))
     stats = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
     two_passes = cfg.value_model == "adapter"
     for i, (batch, mask) in enumerate(zip(parts, masks)):

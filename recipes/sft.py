@@ -22,7 +22,7 @@ from minift.data.formats import normalize_all
 from minift.data.packing import collate_flat, collate_padded, pack_examples
 from minift.data.read import train_eval_records
 from minift.sections import DataSection, TrainConfig
-from minift.train.forward import CausalLMLoss, evaluate, trained_tokens
+from minift.train.forward import CausalLMLoss, evaluate, total_tokens, trained_tokens
 from minift.train.stage import Stage, run_recipe
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -76,8 +76,7 @@ def sft_step(accelerator, loss_model, window: list[dict]) -> tuple[float, int]:
     """One optimizer step's forward and backward over ``window``. The loss is normalized by the trained tokens
     of the whole window on all processes, so any split of the same data gives the same gradient (hence the
     window fetched up front, and accelerate's per-micro-batch averaging not used). Returns (loss, tokens)."""
-    local_tokens = sum(trained_tokens(b) for b in window)
-    n_tokens = accelerator.reduce(local_tokens.to(accelerator.device), "sum").item()
+    n_tokens = total_tokens(accelerator, map(trained_tokens, window)).item()
     loss_sum = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(window):
         with contextlib.nullcontext() if i == len(window) - 1 else accelerator.no_sync(loss_model):

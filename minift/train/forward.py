@@ -34,6 +34,12 @@ def trained_tokens(batch: dict) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
+def total_tokens(accelerator, counts) -> torch.Tensor:
+    """A step's per-micro-batch token counts summed over its window and every process: the normalizer that gives
+    any split of the step's data (micro-batches, processes) the same loss and gradient."""
+    return accelerator.reduce(sum(counts).to(accelerator.device), "sum")
+
+
 class CausalLMLoss(nn.Module):
     """Wraps a causal LM so that one forward (the one DDP watches) returns the summed cross-entropy
     over trained tokens and their count. Only positions with a label reach the LM head, in chunks,
